@@ -1,0 +1,125 @@
+"""The ``difflab`` command: parses arguments, loads a config or checkpoint, calls the library.
+
+Bad input (a missing file, an unknown key, a corrupt checkpoint) is reported in one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from difflab.errors import DifflabError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difflab.config import load_config
+    from difflab.train.trainer import Trainer
+
+    config = load_config(args.config, args.set)
+    trainer = Trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet)
+    if trainer.step:
+        print(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
+              f"{trainer.out_dir / 'checkpoint.safetensors'} (continue with --resume)", file=sys.stderr)
+        return 130
+    print(f"trained {config.name} to step {result.step} (stopped by {result.stopped_by}, last loss "
+          f"{result.last_loss:.4f}); checkpoint {result.checkpoint}; samples in {trainer.out_dir / 'samples'}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.pipelines.ddpm import load_model, sample, save_samples
+
+    loaded = load_model(args.checkpoint, args.weights, args.device)
+    options = loaded.config.sample
+    overrides = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance,
+                 "seed": args.seed, "batch_size": args.batch_size}
+    options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    labels = None
+    if args.class_label is not None:
+        classes = loaded.denoiser.net.config.num_classes
+        if not classes:
+            raise DifflabError(f"--class: {loaded.path} is not class-conditional")
+        if not 0 <= args.class_label < classes:
+            raise DifflabError(f"--class {args.class_label}: must be in [0, {classes - 1}]")
+        labels = torch.full((args.n,), args.class_label, dtype=torch.long)
+    print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
+          f"{options.sampler} sampler, {options.steps} steps", file=sys.stderr)
+    samples = sample(loaded.denoiser, loaded.config, args.n, options, labels, args.device, progress=True)
+    for path in save_samples(samples, args.out, args.name, labels):
+        print(path)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from difflab.config import to_dict
+    from difflab.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    parameters = sum(v.numel() for k, v in checkpoint.section("model").items())
+    info = {"path": str(checkpoint.path), "state": {k: v for k, v in checkpoint.state.items()
+                                                      if k != "param_groups"},
+            "parameters": parameters, "has_ema": checkpoint.has_ema, "config": to_dict(checkpoint.config)}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="difflab", description="Train, sample and inspect diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", type=Path, help="experiment YAML (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+                       help="continue from the run's checkpoint (or the one given); fails if missing")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    sample = sub.add_parser("sample", help="draw samples from a checkpoint")
+    sample.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+    sample.add_argument("--n", type=int, default=64, help="number of samples")
+    sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
+    sample.add_argument("--name", default="samples", help="file name stem for the .png and .npz")
+    sample.add_argument("--sampler", default=None, help="sampler (default: the config's)")
+    sample.add_argument("--steps", default=None, help="number of (respaced) steps, or sections like 10,10,20")
+    sample.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
+                        help="reverse-process variance of the ancestral sampler")
+    sample.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
+    sample.add_argument("--batch-size", type=int, default=None)
+    sample.add_argument("--class", dest="class_label", type=int, default=None, help="class label to sample")
+    sample.add_argument("--weights", choices=("ema", "model"), default="ema")
+    sample.add_argument("--device", default="cpu")
+    sample.set_defaults(func=cmd_sample)
+
+    info = sub.add_parser("info", help="describe a checkpoint")
+    info.add_argument("checkpoint", type=Path)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "steps", None) is not None and str(args.steps).isdigit():
+        args.steps = int(args.steps)
+    if getattr(args, "n", 1) is not None and getattr(args, "n", 1) < 1:
+        print("difflab: error: --n must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except DifflabError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

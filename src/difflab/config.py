@@ -1,0 +1,189 @@
+"""Experiment configuration: plain dataclasses, one YAML file per experiment, ``--set key=value`` overrides.
+
+Loading is strict: an unknown key, or a value of the wrong type, is an error that names the key and file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difflab.errors import DifflabError
+from difflab.nets.mlp import MLPConfig
+from difflab.nets.unet import UNetConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"      # fashion_mnist | folder | toy
+    path: str | None = None             # Fashion-MNIST folder or image folder; None searches the defaults
+    image_size: int = 32
+    resize: str = "pad"                 # pad | resize (28x28 Fashion-MNIST to image_size)
+    channels: int = 3                   # image folders: 1 (grey) or 3 (RGB)
+    toy: str = "eight_gaussians"        # which 2-D set when dataset is toy
+    num_points: int = 20000
+    download: bool = False
+    conditional: bool = False           # train with class labels (Fashion-MNIST)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "unet"                  # unet | mlp; in/out sizes and classes are taken from the data
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"            # linear | cosine
+    timesteps: int = 1000
+    prediction: str = "eps"             # eps | x0 | v
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    steps: int = 10000
+    max_minutes: float | None = None    # stop (and checkpoint) after this wall-clock budget
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 200
+    grad_clip: float | None = 1.0
+    ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
+    ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
+    label_dropout: float = 0.1               # conditional models: probability of the null label
+    seed: int = 0
+    log_every: int = 50
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    num_sample_images: int = 64
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ancestral"
+    steps: int | str = 1000             # respaced steps: an int, or sections such as "10,10,20"
+    variance: str = "beta_tilde"        # beta | beta_tilde (Ho et al. 2020, Sec. 3.2)
+    clip_x0: bool = True
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# -- conversion between dicts and dataclasses -----------------------------------------------------------------
+def _check_value(value: Any, hint: Any, key: str) -> Any:
+    """Coerce YAML values to the field's annotated type where that is lossless; otherwise raise."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_value(value, option, key)
+            except DifflabError as e:
+                errors.append(str(e))
+        raise DifflabError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+            if item is None and len(args) != len(value):
+                raise DifflabError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_check_value(v, item or args[i], f"{key}[{i}]") for i, v in enumerate(value))
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+    raise DifflabError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise DifflabError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise DifflabError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    """Nested plain dict (tuples as lists) suitable for YAML and JSON."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise DifflabError(f"--set {item!r}: expected key=value, e.g. train.steps=100")
+        key, raw = item.split("=", 1)
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DifflabError(f"--set {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DifflabError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise DifflabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise DifflabError(f"{path}: expected a mapping of config sections at the top level")
+    values = apply_overrides(values, overrides or [])
+    try:
+        return from_dict(Config, values)
+    except DifflabError as e:
+        raise DifflabError(f"{path}: {e}" if path else str(e)) from None
+
+
+def config_from_json(text: str, source: str) -> Config:
+    try:
+        return from_dict(Config, json.loads(text))
+    except (json.JSONDecodeError, DifflabError) as e:
+        raise DifflabError(f"{source}: invalid difflab config ({e})") from None

@@ -1,0 +1,41 @@
+"""Data sets held in memory as one tensor: images as uint8 (N, C, H, W), points as float32 (N, D).
+
+Batches are gathered by index from that tensor, so the training loop has no per-sample Python work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class InMemoryData:
+    data: torch.Tensor                      # uint8 (N, C, H, W) images, or float32 (N, D) points
+    labels: torch.Tensor | None = None      # int64 (N,), or None for unlabelled data
+    num_classes: int | None = None
+    name: str = ""
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def is_image(self) -> bool:
+        return self.data.dtype == torch.uint8
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape[1:])
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model-ready batch: images scaled from {0..255} to [-1, 1], points as they are."""
+        x = self.data[indices]
+        x = x.float() / 127.5 - 1.0 if self.is_image else x.float()
+        y = self.labels[indices] if self.labels is not None else None
+        return x, y
+
+
+def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats to uint8 {0..255} (the inverse of ``InMemoryData.batch``), rounding to nearest."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

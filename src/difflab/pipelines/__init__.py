@@ -1,0 +1,1 @@
+"""Compositions of networks, schedules and samplers into end-to-end pipelines."""

@@ -1,0 +1,69 @@
+"""DDPM pipeline: a checkpoint's denoiser plus a sampler from its config, to images (uint8) or points."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from difflab.build import build_denoiser, build_schedule, sample_shape
+from difflab.config import Config, SampleConfig
+from difflab.data import to_uint8_images
+from difflab.denoiser import Denoiser
+from difflab.errors import DifflabError
+from difflab.imageio import save_grid, save_npz, save_scatter
+from difflab.samplers import SAMPLERS, generate
+from difflab.schedules import space_timesteps
+from difflab.checkpoint import load_checkpoint, load_weights
+
+WEIGHTS = ("ema", "model")
+
+
+@dataclass
+class LoadedModel:
+    denoiser: Denoiser
+    config: Config
+    weights: str           # which weights were loaded: "ema" or "model"
+    step: int
+    path: Path
+
+
+def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> LoadedModel:
+    """A checkpoint's denoiser, with its EMA weights by default (the raw weights if it has no EMA)."""
+    if weights not in WEIGHTS:
+        raise DifflabError(f"unknown weights {weights!r}; choose one of {WEIGHTS}")
+    checkpoint = load_checkpoint(path)
+    if weights == "ema" and not checkpoint.has_ema:
+        weights = "model"
+    denoiser = build_denoiser(checkpoint.config)
+    load_weights(denoiser.net, checkpoint, weights)
+    return LoadedModel(denoiser.to(device).eval(), checkpoint.config, weights,
+                       int(checkpoint.state.get("step", 0)), checkpoint.path)
+
+
+def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | None = None,
+           labels: torch.Tensor | None = None, device: str = "cpu", progress: bool = False) -> torch.Tensor:
+    """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``."""
+    options = options or config.sample
+    if options.sampler not in SAMPLERS:
+        raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    schedule = build_schedule(config.diffusion)
+    schedule = schedule.respace(space_timesteps(len(schedule), options.steps))
+    seeds = [options.seed + i for i in range(n)]
+    return generate(SAMPLERS[options.sampler], denoiser, schedule, sample_shape(config.data), seeds,
+                    batch_size=options.batch_size, labels=labels, device=device, progress=progress,
+                    variance=options.variance, clip_x0=options.clip_x0 and config.data.dataset != "toy")
+
+
+def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "samples",
+                 labels: torch.Tensor | None = None) -> list[Path]:
+    """A PNG (grid of images, or density plot of points) and an .npz (uint8 images, or float points)."""
+    out_dir = Path(out_dir)
+    extra = {"labels": labels.numpy()} if labels is not None else {}
+    if samples.ndim == 2:
+        return [save_scatter(samples, out_dir / f"{name}.png"),
+                save_npz({"points": samples.numpy(), **extra}, out_dir / f"{name}.npz")]
+    images = to_uint8_images(samples)
+    return [save_grid(images, out_dir / f"{name}.png"),
+            save_npz({"images": images.permute(0, 2, 3, 1).numpy(), **extra}, out_dir / f"{name}.npz")]
