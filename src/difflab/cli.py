@@ -15,21 +15,32 @@ from difflab.errors import DifflabError
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train in this process, or as one rank of ``torchrun --nproc_per_node=N -m difflab train ...``."""
+    import os
+
     from difflab.config import load_config
+    from difflab.train import distributed
     from difflab.train.trainer import Trainer
 
     config = load_config(args.config, args.set)
-    trainer = Trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet)
-    if trainer.step:
-        print(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
+    dist = distributed.init(config.train.device, os.environ)     # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
+    say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        result = trainer.run()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; checkpoint written to "
-              f"{trainer.out_dir / 'checkpoint.safetensors'} (continue with --resume)", file=sys.stderr)
-        return 130
-    print(f"trained {config.name} to step {result.step} (stopped by {result.stopped_by}, last loss "
-          f"{result.last_loss:.4f}); checkpoint {result.checkpoint}; samples in {trainer.out_dir / 'samples'}")
+        trainer = Trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
+                          dist=dist)
+        if trainer.step:
+            say(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
+        try:
+            result = trainer.run()
+        except KeyboardInterrupt:
+            say(f"\ninterrupted at step {trainer.step}; checkpoint written to "
+                f"{trainer.out_dir / 'checkpoint.safetensors'} (continue with --resume)", file=sys.stderr)
+            return 130
+    finally:
+        distributed.teardown(dist)
+    ranks = f" on {dist.world_size} ranks" if dist.is_distributed else ""
+    say(f"trained {config.name} to step {result.step}{ranks} (stopped by {result.stopped_by}, last loss "
+        f"{result.last_loss:.4f}); checkpoint {result.checkpoint}; samples in {trainer.out_dir / 'samples'}")
     return 0
 
 
@@ -72,6 +83,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.pipelines.evaluate import (EvalOptions, default_report_path, evaluate, evaluate_samples,
+                                            to_json, write_report)
+
+    if (args.checkpoint is None) == (args.samples is None):
+        raise DifflabError("eval: give either a checkpoint or --samples FILE.npz, not both or neither")
+    if args.samples is not None and args.nll:
+        raise DifflabError("--nll needs a checkpoint (bits/dim are a property of the model, not of samples)")
+    if args.nll < 0:
+        raise DifflabError(f"--nll {args.nll}: must be a number of test images >= 0")
+    options = EvalOptions(n=args.n, nll=args.nll, cache_dir=args.cache_dir)
+    if args.samples is not None:
+        report = evaluate_samples(args.samples, options)
+    else:
+        sampling = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance, "seed": args.seed,
+                    "batch_size": args.batch_size}
+        report = evaluate(args.checkpoint, options, sampling, args.weights, args.device, args.save_samples)
+    path = write_report(report, args.out or default_report_path(report))
+    print(to_json(report["metrics"]))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="difflab", description="Train, sample and inspect diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", type=Path)
     info.set_defaults(func=cmd_info)
+
+    evaluate = sub.add_parser("eval", help="FID/KID/precision/recall (and bits/dim) against Fashion-MNIST's test set")
+    evaluate.add_argument("checkpoint", type=Path, nargs="?", help="checkpoint file or run folder to sample")
+    evaluate.add_argument("--samples", type=Path, default=None, metavar="FILE.npz",
+                          help="score saved samples instead (npz key 'images', uint8 NHWC; optional 'labels')")
+    evaluate.add_argument("--n", type=int, default=10000, help="number of samples to draw")
+    evaluate.add_argument("--sampler", default=None, help="sampler (default: the config's)")
+    evaluate.add_argument("--steps", default=None, help="number of (respaced) steps, or sections like 10,10,20")
+    evaluate.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
+                          help="reverse-process variance (sampling and --nll)")
+    evaluate.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
+    evaluate.add_argument("--nll", type=int, default=0, metavar="N", help="also bits/dim on N test images")
+    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", type=Path, default=None,
+                          help="report path (default: eval_<sampler>_<steps>steps_n<N>.json beside the checkpoint)")
+    evaluate.add_argument("--save-samples", type=Path, default=None, metavar="FILE.npz",
+                          help="also keep the drawn samples")
+    evaluate.add_argument("--cache-dir", type=Path, default=None,
+                          help="reference statistics cache (default: $DIFFLAB_CACHE/stats or ~/.cache/difflab/stats)")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

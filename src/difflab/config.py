@@ -66,16 +66,32 @@ class TrainConfig:
     sample_every: int = 1000
     checkpoint_every: int = 1000
     num_sample_images: int = 64
+    # How steps are computed: the same steps up to float rounding (channels_last: other dropout masks).
+    device: str = "auto"                     # cpu | cuda | auto (cuda when available); torchrun: cuda:LOCAL_RANK
+    precision: str = "fp32"                  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
+    grad_accumulation: int = 1               # micro-batches per step; batch_size stays the whole (global) batch
+    channels_last: bool = False              # NHWC memory format for network and images (faster convs on GPU)
+    compile: bool = False                    # torch.compile the network
+    gradient_checkpointing: bool = False     # U-Net: recompute each stage in the backward pass (less memory)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ancestral"
+    sampler: str = "ancestral"          # ancestral | ddim | euler | heun | dpmpp-2m | euler-ancestral
     steps: int | str = 1000             # respaced steps: an int, or sections such as "10,10,20"
-    variance: str = "beta_tilde"        # beta | beta_tilde (Ho et al. 2020, Sec. 3.2)
+    variance: str = "beta_tilde"        # ancestral: beta | beta_tilde (Ho et al. 2020, Sec. 3.2)
     clip_x0: bool = True
     batch_size: int = 256
     seed: int = 0
+    spacing: str = "uniform"            # all but ancestral: uniform | leading | trailing | karras | logsnr
+    rho: float = 7.0                    # karras spacing: Karras et al. 2022, Eq. 5
+    sigma_min: float | None = None      # karras, logsnr: last noise level before the final denoising step
+    sigma_max: float | None = None      # karras, logsnr: first noise level (None: the schedule's range)
+    eta: float | None = None            # ddim, euler-ancestral (Song et al. 2021, Eq. 16); None: 0 / 1
+    s_churn: float = 0.0                # euler, heun: Karras et al. 2022, Alg. 2 (0: deterministic)
+    s_tmin: float = 0.0
+    s_tmax: float | None = None         # None: no upper limit
+    s_noise: float = 1.0
 
 
 @dataclass

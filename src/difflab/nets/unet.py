@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -64,11 +65,12 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))                         # (B, out, H, W)
+        # SiLU in place on the norm's fresh output: group-norm backward needs only its input.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))           # (B, out, H, W)
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift                       # adaptive group norm
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)            # adaptive group norm
+        h = self.conv2(self.dropout(F.silu(h, inplace=True)))
+        return h.add_(self.skip(x))                                   # in place: conv backward needs no output
 
 
 class AttentionBlock(nn.Module):
@@ -84,10 +86,10 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                     # each (B, heads, HW, C/heads)
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(1)        # each (B, heads, HW, C/heads)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return x + self.proj(out)
+        return self.proj(out).add_(x)
 
 
 class Downsample(nn.Module):
@@ -121,6 +123,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
+        self.gradient_checkpointing = False   # in training, recompute each stage's activations in backward
         ch = c.model_channels
         emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -174,9 +177,16 @@ class UNet(nn.Module):
         h = self.input_conv(x)                                                       # (B, ch, H, W)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = self.run_stage(stage, h, emb)
             skips.append(h)
-        h = self.middle(h, emb)                                                      # (B, C, H/2^L, W/2^L)
+        h = self.run_stage(self.middle, h, emb)                                      # (B, C, H/2^L, W/2^L)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)
+
+    def run_stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``stage(h, emb)``; with gradient checkpointing its activations are recomputed in the backward
+        pass instead of kept (Chen et al. 2016), with the same dropout masks (the RNG state is replayed)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, h, emb, use_reentrant=False)
+        return stage(h, emb)

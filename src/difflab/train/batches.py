@@ -3,13 +3,21 @@
 Every step draws from generators seeded by (seed, step) and walks an epoch permutation seeded by
 (seed, epoch), so a resumed run sees exactly the batches, timesteps and noise of an uninterrupted one
 without saving any random-number state.
+
+In data-parallel training these draws are made for the whole global batch on every rank, and each rank
+keeps its slice (``StepBatch.shard``): N ranks then compute the gradient of one process with the same
+global batch, and a run can be resumed with a different number of ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant to spread (seed, index) pairs apart
+EPOCH_STREAM, STEP_STREAM, DROPOUT_STREAM = 1, 2, 3
+RANK_STREAM_STRIDE = 16    # rank r > 0 draws dropout from stream DROPOUT_STREAM + 16 r, apart from the above
 
 
 def derived_seed(seed: int, index: int, stream: int = 0) -> int:
@@ -25,7 +33,7 @@ class EpochBatches:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, stream=1))
+            g = torch.Generator().manual_seed(derived_seed(self.seed, epoch, stream=EPOCH_STREAM))
             self._epoch, self._perm = epoch, torch.randperm(self.num_examples, generator=g)
         return self._perm
 
@@ -42,4 +50,40 @@ class EpochBatches:
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator for a step's timesteps, noise and label dropout."""
-    return torch.Generator().manual_seed(derived_seed(seed, step, stream=2))
+    return torch.Generator().manual_seed(derived_seed(seed, step, stream=STEP_STREAM))
+
+
+def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The torch seed set before a step's forward passes (dropout masks); each rank draws its own."""
+    return derived_seed(seed, step, stream=DROPOUT_STREAM + RANK_STREAM_STRIDE * rank)
+
+
+@dataclass
+class StepBatch:
+    """A step's examples, timesteps, noise and (possibly dropped) labels, batch first."""
+    x0: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    y: torch.Tensor | None = None
+
+    def _map(self, fn) -> "StepBatch":
+        return StepBatch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                            for f in fields(self)})
+
+    def shard(self, rank: int, world_size: int) -> "StepBatch":
+        """Rank ``rank``'s contiguous slice of the global batch."""
+        size = self.t.shape[0] // world_size
+        return self._map(lambda v: v[rank * size:(rank + 1) * size])
+
+    def split(self, parts: int) -> list["StepBatch"]:
+        """``parts`` equal micro-batches (gradient accumulation); the batch itself when ``parts`` is 1."""
+        if parts == 1:
+            return [self]
+        size = self.t.shape[0] // parts
+        return [self._map(lambda v, i=i: v[i * size:(i + 1) * size]) for i in range(parts)]
+
+    def to(self, device: torch.device, channels_last: bool = False) -> "StepBatch":
+        def move(v: torch.Tensor) -> torch.Tensor:
+            v = v.to(device, non_blocking=True)
+            return v.contiguous(memory_format=torch.channels_last) if channels_last and v.ndim == 4 else v
+        return self._map(move)

@@ -2,6 +2,14 @@
 
 Each step is a pure function of (weights, optimiser state, seed, step): see ``batches.py``. That is what
 makes ``resume`` bit-exact on the CPU.
+
+Data-parallel training (``distributed.py``): every rank draws the step's whole global batch (examples,
+timesteps, noise, label dropout) and trains on its slice; DistributedDataParallel averages the gradients,
+so N ranks take the step one process would take with the same batch, up to float rounding (and dropout
+masks: each rank draws its own). Each rank then applies the same update, so weights and EMA stay
+identical; only rank 0 writes files. How steps are computed (device, precision, gradient accumulation,
+channels_last, compile, gradient checkpointing) may change when a run is resumed, and so may the number
+of ranks.
 """
 
 from __future__ import annotations
@@ -21,14 +29,18 @@ from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
 from difflab.losses import simple_loss
 from difflab.pipelines.ddpm import sample, save_samples
-from difflab.train.batches import EpochBatches, derived_seed, step_generator
+from difflab.train.batches import EpochBatches, StepBatch, dropout_seed, step_generator
 from difflab.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_optimizer, load_weights, save_checkpoint
+from difflab.train import distributed
+from difflab.train.distributed import DistributedContext
 from difflab.train.ema import EMA
+from difflab.train.precision import Precision
 
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every",
-                     "train.num_sample_images"}
+                     "train.num_sample_images", "train.device", "train.precision", "train.grad_accumulation",
+                     "train.channels_last", "train.compile", "train.gradient_checkpointing"}
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -48,6 +60,16 @@ def config_differences(saved: Config, current: Config) -> list[str]:
             if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and not k.startswith("sample.")]
 
 
+def check_step_layout(config: Config, world_size: int) -> None:
+    """The global batch must split evenly into ranks, and each rank's share into micro-batches."""
+    t = config.train
+    if t.grad_accumulation < 1:
+        raise DifflabError(f"train.grad_accumulation must be at least 1, got {t.grad_accumulation}")
+    if t.batch_size % (world_size * t.grad_accumulation):
+        raise DifflabError(f"train.batch_size {t.batch_size} (the global batch) is not divisible by "
+                           f"{world_size} ranks x train.grad_accumulation {t.grad_accumulation}")
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -57,23 +79,44 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool | str | Path = False, progress: bool = True):
+    def __init__(self, config: Config, resume: bool | str | Path = False, progress: bool = True,
+                 dist: DistributedContext | None = None):
         self.config = config
-        self.out_dir = Path(config.train.out_dir)
-        self.progress = progress
-        torch.manual_seed(config.train.seed)                      # initial weights
-        self.data = build_data(config.data)
-        self.denoiser = build_denoiser(config)
-        self.net = self.denoiser.net
-        self.ema = EMA(self.net, config.train.ema_halflife_images, config.train.ema_rampup_ratio)
-        self.ema_denoiser = Denoiser(self.ema.model, self.denoiser.schedule, self.denoiser.prediction)
         t = config.train
+        self.dist = dist or distributed.single_process(t.device)
+        check_step_layout(config, self.dist.world_size)
+        self.device = self.dist.device
+        self.out_dir = Path(t.out_dir)
+        self.progress = progress and self.dist.is_main
+        torch.manual_seed(t.seed)                                 # initial weights, the same on every rank
+        self.data = build_data(config.data)
+        self.denoiser = build_denoiser(config).to(self.device)
+        self.net = self.denoiser.net
+        if t.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.net, t.ema_halflife_images, t.ema_rampup_ratio)
+        self.ema_denoiser = Denoiser(self.ema.model, self.denoiser.schedule, self.denoiser.prediction)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=t.adam_betas,
                                            weight_decay=t.weight_decay)
+        self.precision = Precision(t.precision, self.device)
         self.batches = EpochBatches(len(self.data), t.batch_size, t.seed)
         self.step = 0
         if resume:
             self._resume(self.out_dir / CHECKPOINT_NAME if resume is True else Path(resume))
+        self.parallel, self.train_denoiser = self._training_network()
+
+    def _training_network(self) -> tuple[torch.nn.Module, Denoiser]:
+        """The network as the training forward pass calls it: with gradient checkpointing, wrapped in DDP
+        (more than one rank), then compiled; and a denoiser around that for the loss."""
+        t = self.config.train
+        if t.gradient_checkpointing:
+            if not hasattr(self.net, "gradient_checkpointing"):
+                raise DifflabError("train.gradient_checkpointing needs model.kind 'unet', "
+                                   f"not {self.config.model.kind!r}")
+            self.net.gradient_checkpointing = True
+        parallel = distributed.data_parallel(self.net, self.dist)
+        forward = torch.compile(parallel) if t.compile else parallel
+        return parallel, Denoiser(forward, self.denoiser.schedule, self.denoiser.prediction)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
@@ -86,56 +129,88 @@ class Trainer:
         load_weights(self.net, checkpoint, "model")
         load_weights(self.ema.model, checkpoint, "ema")
         load_optimizer(self.optimizer, checkpoint)
+        self.precision.load_state_dict(checkpoint.state.get("grad_scaler", {}))
         self.step = int(checkpoint.state["step"])
 
     def save(self) -> Path:
+        """Write the checkpoint (rank 0 only; every rank holds the same weights)."""
+        path = self.out_dir / CHECKPOINT_NAME
+        if not self.dist.is_main:
+            return path
         state = {"step": self.step, "images_seen": self.step * self.config.train.batch_size}
-        return save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.config, state, self.net, self.ema.model,
-                               self.optimizer)
+        if self.precision.scaler is not None:
+            state["grad_scaler"] = self.precision.state_dict()
+        return save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer)
 
     # -- one step -------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         t = self.config.train
         return t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
 
-    def train_step(self) -> float:
+    def global_batch(self, step: int) -> StepBatch:
+        """The whole step's examples, timesteps, noise and labels, the same on every rank (on the CPU)."""
         t = self.config.train
-        g = step_generator(t.seed, self.step)
-        torch.manual_seed(derived_seed(t.seed, self.step, stream=3))    # dropout
-        x0, y = self.data.batch(self.batches.indices(self.step))
+        g = step_generator(t.seed, step)
+        x0, y = self.data.batch(self.batches.indices(step))
         y = y if self.config.data.conditional else None
         timesteps = torch.randint(0, len(self.denoiser.schedule), (x0.shape[0],), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         if y is not None:   # label dropout: the null label trains the unconditional model (Ho & Salimans 2021)
             drop = torch.rand(y.shape, generator=g) < t.label_dropout
             y = torch.where(drop, torch.full_like(y, self.data.num_classes), y)
-        loss = simple_loss(self.denoiser, x0, timesteps, noise, y).mean()
+        return StepBatch(x0, timesteps, noise, y)
+
+    def micro_batch_loss(self, batch: StepBatch) -> torch.Tensor:
+        with self.precision.autocast():
+            return simple_loss(self.train_denoiser, batch.x0, batch.t, batch.noise, batch.y).mean()
+
+    def train_step(self) -> float:
+        """One optimiser step on the global batch; returns its mean loss (over all ranks)."""
+        t = self.config.train
+        torch.manual_seed(dropout_seed(t.seed, self.step, self.dist.rank))
+        local = self.global_batch(self.step).shard(self.dist.rank, self.dist.world_size)
+        micro_batches = local.to(self.device, t.channels_last).split(t.grad_accumulation)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), t.grad_clip)
+        loss = torch.zeros((), device=self.device)
+        for i, micro in enumerate(micro_batches):
+            with distributed.no_sync(self.parallel, skip=i < len(micro_batches) - 1):
+                micro_loss = self.micro_batch_loss(micro) / len(micro_batches)
+                self.precision.backward(micro_loss)
+            loss += micro_loss.detach()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.optimizer.step()
+        self.precision.step(self.optimizer, self.net, t.grad_clip)
         self.step += 1
         self.ema.update(self.net, self.step * t.batch_size, t.batch_size)
-        return loss.item()
+        return self.dist.mean(loss).item()
 
     # -- the loop -------------------------------------------------------------------------------------------
     def preview(self, name: str) -> None:
+        """A grid (or scatter plot) from the EMA weights; rank 0 only."""
+        if not self.dist.is_main:
+            return
         n = self.config.train.num_sample_images if self.data.is_image else 4000
         labels = torch.arange(n) % self.data.num_classes if self.config.data.conditional else None
-        samples = sample(self.ema_denoiser, self.config, n, labels=labels)
+        samples = sample(self.ema_denoiser, self.config, n, labels=labels, device=self.device)
         save_samples(samples, self.out_dir / "samples", name)
 
     def log(self, record: dict) -> None:
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def out_of_time(self, start_time: float) -> bool:
+        """Whether train.max_minutes has passed, as rank 0's clock says to all ranks (they stop together)."""
+        minutes = self.config.train.max_minutes
+        if minutes is None:
+            return False
+        return self.dist.any(self.dist.is_main and time.perf_counter() - start_time > 60 * minutes)
 
     def run(self) -> TrainResult:
         t = self.config.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1) + "\n")
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1) + "\n")
         start_time, window_start, losses = time.perf_counter(), time.perf_counter(), []
         stopped_by, loss = "steps", math.nan
         bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
@@ -156,7 +231,7 @@ class Trainer:
                     self.save()
                 if self.step % t.sample_every == 0:
                     self.preview(f"step_{self.step:07d}")
-                if t.max_minutes is not None and time.perf_counter() - start_time > 60 * t.max_minutes:
+                if self.out_of_time(start_time):
                     stopped_by = "time"
                     break
         except KeyboardInterrupt:
@@ -166,4 +241,5 @@ class Trainer:
         bar.close()
         path = self.save()
         self.preview("final")
+        self.dist.barrier()          # the other ranks return once the checkpoint is written
         return TrainResult(self.step, path, loss, stopped_by)
