@@ -43,30 +43,49 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: 
 
 
 # -- parameterisations --------------------------------------------------------------------------------------
+# Each conversion is written once, for alpha-bar given as a tensor broadcastable against x_t, so that it serves
+# integer timesteps (abar = alphas_cumprod[t]) and continuous noise levels (abar = 1 / (1 + sigma^2)) alike.
+def x0_from_eps(xt: torch.Tensor, abar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x_0 = (x_t - sqrt(1 - alpha-bar) eps) / sqrt(alpha-bar) (Ho et al. 2020, Eq. 4 solved for x_0)."""
+    return (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def eps_from_x0(xt: torch.Tensor, abar: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    return (xt - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def v_from_eps(x0: torch.Tensor, abar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022, Sec. 4)."""
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
+
+
+def x0_from_v(xt: torch.Tensor, abar: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return abar.sqrt() * xt - (1 - abar).sqrt() * v
+
+
+def eps_from_v(xt: torch.Tensor, abar: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (1 - abar).sqrt() * xt + abar.sqrt() * v
+
+
 def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    a = extract(schedule.alphas_cumprod, t, xt)
-    return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+    return x0_from_eps(xt, extract(schedule.alphas_cumprod, t, xt), eps)
 
 
 def predict_eps_from_x0(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    a = extract(schedule.alphas_cumprod, t, xt)
-    return (xt - a.sqrt() * x0) / (1 - a).sqrt()
+    return eps_from_x0(xt, extract(schedule.alphas_cumprod, t, xt), x0)
 
 
 def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022, Sec. 4)."""
-    a = extract(schedule.alphas_cumprod, t, x0)
-    return a.sqrt() * eps - (1 - a).sqrt() * x0
+    return v_from_eps(x0, extract(schedule.alphas_cumprod, t, x0), eps)
 
 
 def predict_x0_from_v(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    a = extract(schedule.alphas_cumprod, t, xt)
-    return a.sqrt() * xt - (1 - a).sqrt() * v
+    return x0_from_v(xt, extract(schedule.alphas_cumprod, t, xt), v)
 
 
 def predict_eps_from_v(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    a = extract(schedule.alphas_cumprod, t, xt)
-    return (1 - a).sqrt() * xt + a.sqrt() * v
+    return eps_from_v(xt, extract(schedule.alphas_cumprod, t, xt), v)
 
 
 def score_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -19,5 +19,6 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256,
     b = b[torch.randperm(len(b), generator=g)[:n]].double()
     directions = torch.randn(a.shape[1], projections, generator=g, dtype=torch.float64)
     directions /= directions.norm(dim=0, keepdim=True)
-    pa, pb = (a @ directions).sort(dim=0).values, (b @ directions).sort(dim=0).values
+    # (projections, n) row-major, so each projection sorts a contiguous row
+    pa, pb = (directions.T @ a.T).sort(dim=1).values, (directions.T @ b.T).sort(dim=1).values
     return (pa - pb).abs().mean().item()

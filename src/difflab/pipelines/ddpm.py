@@ -10,10 +10,10 @@ import torch
 from difflab.build import build_denoiser, build_schedule, sample_shape
 from difflab.config import Config, SampleConfig
 from difflab.data import to_uint8_images
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, SigmaDenoiser
 from difflab.errors import DifflabError
 from difflab.imageio import save_grid, save_npz, save_scatter
-from difflab.samplers import SAMPLERS, generate
+from difflab.samplers import DISCRETE_SAMPLERS, SAMPLER_OPTIONS, SAMPLERS, build_sigmas, generate, prior_std
 from difflab.schedules import space_timesteps
 from difflab.checkpoint import load_checkpoint, load_weights
 
@@ -48,12 +48,21 @@ def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | N
     options = options or config.sample
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    clip_x0 = options.clip_x0 and config.data.dataset != "toy"
+    kwargs = {name: getattr(options, name) for name in SAMPLER_OPTIONS[options.sampler]
+              if getattr(options, name) is not None}
     schedule = build_schedule(config.diffusion)
-    schedule = schedule.respace(space_timesteps(len(schedule), options.steps))
+    if options.sampler in DISCRETE_SAMPLERS:
+        model, grid = denoiser, schedule.respace(space_timesteps(len(schedule), options.steps))
+        kwargs.update(clip_x0=clip_x0)
+    else:
+        model = SigmaDenoiser(denoiser, clip_x0=clip_x0)
+        grid = build_sigmas(schedule, options.steps, options.spacing, options.rho, options.sigma_min,
+                            options.sigma_max)
+        kwargs.update(prior_std=prior_std(grid))
     seeds = [options.seed + i for i in range(n)]
-    return generate(SAMPLERS[options.sampler], denoiser, schedule, sample_shape(config.data), seeds,
-                    batch_size=options.batch_size, labels=labels, device=device, progress=progress,
-                    variance=options.variance, clip_x0=options.clip_x0 and config.data.dataset != "toy")
+    return generate(SAMPLERS[options.sampler], model, grid, sample_shape(config.data), seeds,
+                    batch_size=options.batch_size, labels=labels, device=device, progress=progress, **kwargs)
 
 
 def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "samples",

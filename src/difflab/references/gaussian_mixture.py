@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from difflab.diffusion import extract
+from difflab.denoiser import t_to_sigma
 from difflab.schedules import NoiseSchedule
 
 
@@ -76,7 +76,9 @@ class GaussianMixture:
 class ExactEpsNet(nn.Module):
     """The Bayes-optimal eps-prediction network for ``mixture`` on ``schedule``: net(x, t, y=None).
 
-    Label ``y`` = K is the null label (unconditional), as in the trained networks.
+    Label ``y`` = K is the null label (unconditional), as in the trained networks. Timesteps may be
+    fractional: alpha-bar then comes from log-sigma interpolated between integer steps, the inverse of the
+    sigma-space adapter's ``sigma_to_t``, so the adapter is exactly E[x_0 | x] at any sigma.
     """
 
     def __init__(self, mixture: GaussianMixture, schedule: NoiseSchedule):
@@ -85,7 +87,9 @@ class ExactEpsNet(nn.Module):
         self.num_classes = len(mixture.means)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        abar = extract(self.schedule.alphas_cumprod, t.long(), x.double()).reshape(-1)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        sigma = t_to_sigma(self.schedule.sigmas.log(), t)
+        abar = 1 / (1 + sigma ** 2)
         if y is None or bool((y == self.num_classes).all()):
             return self.mixture.eps(x, abar).to(x.dtype)
         conditional = self.mixture.eps(x, abar, y.clamp(max=self.num_classes - 1))

@@ -1,9 +1,44 @@
-"""Samplers: one short function each, ``sample_X(denoiser, x, schedule, noise, y=None, ...) -> x_0``."""
+"""Samplers: one short function each.
+
+- ``sample_ancestral(denoiser, x_T, schedule, noise, y=None, ...)``: DDPM's chain on a discrete schedule;
+- the sigma-space samplers, all ``sample_X(model, x, sigmas, noise, y=None, ...) -> x_0`` with
+  ``model(x, sigma, y)`` = D(x; sigma) (``difflab.denoiser.SigmaDenoiser``), x VE-scaled at sigmas[0], and
+  sigmas from ``sigmas.build_sigmas`` (decreasing, ending in 0).
+
+``SAMPLERS`` maps the names of ``SampleConfig.sampler`` to them, ``SAMPLER_OPTIONS`` names the keyword
+arguments (also ``SampleConfig`` fields) each one takes beyond the common ones.
+"""
 
 from difflab.samplers.ancestral import sample_ancestral
+from difflab.samplers.ddim import ddim_invert, sample_ddim, sample_euler_ancestral, slerp
+from difflab.samplers.dpm_solver import sample_dpmpp_2m
 from difflab.samplers.generate import generate
+from difflab.samplers.karras import sample_euler, sample_heun
+from difflab.samplers.nfe import CountingModel
 from difflab.samplers.noise import PerSampleNoise
+from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std
 
-SAMPLERS = {"ancestral": sample_ancestral}
+SAMPLERS = {
+    "ancestral": sample_ancestral,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp-2m": sample_dpmpp_2m,
+    "euler-ancestral": sample_euler_ancestral,
+}
+DISCRETE_SAMPLERS = ("ancestral",)          # take (Denoiser, x_T, NoiseSchedule); the others work in sigma space
 
-__all__ = ["SAMPLERS", "PerSampleNoise", "generate", "sample_ancestral"]
+_CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+SAMPLER_OPTIONS = {
+    "ancestral": ("variance",),
+    "ddim": ("eta",),
+    "euler": _CHURN,
+    "heun": _CHURN,
+    "dpmpp-2m": (),
+    "euler-ancestral": ("eta",),
+}
+
+__all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
+           "build_sigmas", "ddim_invert", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
+           "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
+           "sample_heun", "slerp"]

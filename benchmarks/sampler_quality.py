@@ -1,0 +1,212 @@
+"""Sample quality against network evaluations (NFE) for difflab's samplers and diffusers' schedulers, on the
+exact Gaussian mixture (issue 5, "Must show (a)"). No training: every sampler drives the same Bayes-optimal
+eps model of an 8-component ring mixture (``difflab.references``), on the same linear beta schedule of
+1000 steps (Ho et al. 2020), from the same initial noise (sample i from seed i), in float32.
+
+- difflab: every sigma-space sampler (``ddim``, ``euler``, ``heun``, ``dpmpp-2m``, ``euler-ancestral``) with
+  every spacing (karras, logsnr, uniform, leading, trailing) over the schedule's whole sigma range, through
+  ``SigmaDenoiser``; ``ancestral`` on the uniformly respaced chain. Two more rows, marked "tuned here", stop
+  the karras / logsnr grids of ``dpmpp-2m`` at sigma_min = 0.05 (a bigger final denoising step), a value
+  picked by looking at this benchmark's results at 10 NFE.
+- diffusers: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``,
+  ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` with ``trained_betas`` = the same betas,
+  each with its default configuration, with ``timestep_spacing="trailing"`` and, where available,
+  ``use_karras_sigmas=True`` and ``use_exponential_sigmas=True`` (= logsnr); the usual loop
+  (``scale_model_input``, model, ``step``) with one generator per sample for the stochastic ones.
+
+The eps model takes real timesteps (Euler/Heun query fractional ones): alpha-bar from log-sigma
+interpolated between integer steps, exact at every integer step. A sampler's NFE is the number of model
+calls; Heun uses (NFE + 1) // 2 steps (2 steps - 1 calls). Measured per (sampler, NFE):
+
+- sliced Wasserstein-1 distance to 10,000 true samples (128 directions, plenty in 2-D; the floor is that
+  of another 10,000 true samples);
+- log-likelihood gap: mean log p(samples) - mean log p(true samples) under the mixture (0 for a perfect
+  sampler; < 0 too spread, > 0 too concentrated), the true mean from 200,000 samples.
+
+Results: ``benchmarks/results/sampler_quality.{json,md}``. Usage: ``python benchmarks/sampler_quality.py
+[--n 10000]``. Needs diffusers (``pip install diffusers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
+
+from difflab.denoiser import Denoiser, SigmaDenoiser, t_to_sigma  # noqa: E402
+from difflab.metrics import sliced_wasserstein  # noqa: E402
+from difflab.references import ExactEpsNet, GaussianMixture  # noqa: E402
+from difflab.samplers import (SAMPLERS, SPACINGS, CountingModel, PerSampleNoise, build_sigmas,  # noqa: E402
+                              prior_std, sample_ancestral)
+from difflab.schedules import NoiseSchedule, space_timesteps  # noqa: E402
+
+try:
+    import diffusers
+except ImportError:
+    sys.exit("sampler_quality: diffusers is not installed; run `pip install diffusers`")
+
+NFES = (5, 10, 20, 50, 100)
+PROJECTIONS = 128
+TUNED_SIGMA_MIN = 0.05          # picked by looking at this benchmark's 10-NFE results: reported as "tuned here"
+DIFFUSERS_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                        "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+
+
+def steps_for(nfe: int, heun: bool) -> int:
+    return (nfe + 1) // 2 if heun else nfe
+
+
+def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list[int],
+                sigma_min: float | None = None):
+    schedule = net.schedule
+    steps = steps_for(nfe, name == "heun")
+    noise = PerSampleNoise(seeds)
+    if name == "ancestral":
+        model = CountingModel(Denoiser(net, schedule))
+        x = noise.randn((2,))
+        out = sample_ancestral(model, x, schedule.respace(space_timesteps(len(schedule), steps)), noise,
+                               clip_x0=False)
+    else:
+        model = CountingModel(SigmaDenoiser(Denoiser(net, schedule)))
+        sigmas = build_sigmas(schedule, steps, spacing, sigma_min=sigma_min)
+        x = noise.randn((2,)) * prior_std(sigmas)
+        out = SAMPLERS[name](model, x, sigmas, noise)
+    return out, model.nfe
+
+
+def diffusers_run(cls_name: str, options: dict, nfe: int, net: ExactEpsNet, seeds: list[int]):
+    cls = getattr(diffusers, cls_name)
+    scheduler = cls(num_train_timesteps=len(net.schedule), trained_betas=net.schedule.betas.tolist(), **options)
+    scheduler.set_timesteps(steps_for(nfe, cls_name == "HeunDiscreteScheduler"))
+    x = PerSampleNoise(seeds).randn((2,)) * scheduler.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    generators = [torch.Generator().manual_seed(10**6 + s) for s in seeds]
+    calls = 0
+    for t in scheduler.timesteps:
+        eps = net(scheduler.scale_model_input(x, t), t)
+        calls += 1
+        kwargs = {"generator": generators} if takes_generator else {}
+        x = scheduler.step(eps, t, x, **kwargs).prev_sample
+    return x, calls
+
+
+def diffusers_configs(cls_name: str) -> dict[str, dict]:
+    configs = {"default": {}, "trailing": {"timestep_spacing": "trailing"}}
+    parameters = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    if "use_karras_sigmas" in parameters:
+        configs["karras"] = {"use_karras_sigmas": True}
+    if "use_exponential_sigmas" in parameters:
+        configs["exponential"] = {"use_exponential_sigmas": True}
+    if cls_name == "DDPMScheduler":
+        configs["default"] = {"clip_sample": False}
+        configs["trailing"] = {"clip_sample": False, "timestep_spacing": "trailing"}
+    if cls_name == "DDIMScheduler":
+        configs = {k: {**v, "clip_sample": False} for k, v in configs.items()}
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=10000, help="samples per run (and true samples)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    mixture = GaussianMixture.ring(k=8, radius=1.5, std=0.15)
+    net = ExactEpsNet(mixture, NoiseSchedule.from_name("linear", 1000))
+    seeds = list(range(args.n))
+    reference = mixture.sample(args.n, torch.Generator().manual_seed(123))
+    floor = sliced_wasserstein(mixture.sample(args.n, torch.Generator().manual_seed(7)), reference,
+                               projections=PROJECTIONS)
+    true_loglik = mixture.log_prob(mixture.sample(200_000, torch.Generator().manual_seed(11))).mean().item()
+
+    def measure(samples: torch.Tensor) -> dict:
+        samples = samples.double()
+        return {"sliced_wasserstein": sliced_wasserstein(samples, reference, projections=PROJECTIONS),
+                "loglik_gap": mixture.log_prob(samples).mean().item() - true_loglik}
+
+    runs = []
+    started = time.perf_counter()
+    jobs = [("difflab", "ancestral", "uniform", lambda nfe: difflab_run("ancestral", "", nfe, net, seeds))]
+    jobs += [("difflab", name, spacing, lambda nfe, name=name, spacing=spacing:
+              difflab_run(name, spacing, nfe, net, seeds))
+             for name in SAMPLERS if name != "ancestral" for spacing in SPACINGS]
+    jobs += [("difflab", "dpmpp-2m", f"{spacing}, sigma_min {TUNED_SIGMA_MIN} (tuned here)",
+              lambda nfe, spacing=spacing: difflab_run("dpmpp-2m", spacing, nfe, net, seeds, TUNED_SIGMA_MIN))
+             for spacing in ("karras", "logsnr")]
+    jobs += [("diffusers", cls_name, config, lambda nfe, cls_name=cls_name, options=options:
+              diffusers_run(cls_name, options, nfe, net, seeds))
+             for cls_name in DIFFUSERS_SCHEDULERS for config, options in diffusers_configs(cls_name).items()]
+    for library, sampler, variant, job in jobs:
+        for nfe in NFES:
+            t0 = time.perf_counter()
+            samples, calls = job(nfe)
+            runs.append({"library": library, "sampler": sampler, "variant": variant, "nfe_budget": nfe,
+                         "nfe": calls, **measure(samples), "seconds": time.perf_counter() - t0})
+            print(f"{library:9s} {sampler:28s} {variant:38s} NFE {calls:3d}: "
+                  f"SW {runs[-1]['sliced_wasserstein']:.4f} LL gap {runs[-1]['loglik_gap']:+.4f}", flush=True)
+
+    contenders = {"difflab": lambda r: r["library"] == "difflab" and "tuned" not in r["variant"],
+                  "difflab incl. tuned": lambda r: r["library"] == "difflab",
+                  "diffusers": lambda r: r["library"] == "diffusers"}
+    best = {who: {nfe: min((r for r in runs if keep(r) and r["nfe_budget"] == nfe),
+                           key=lambda r: r["sliced_wasserstein"]) for nfe in NFES}
+            for who, keep in contenders.items()}
+    verdict = {who: {nfe: best[who][nfe]["sliced_wasserstein"] <= best["diffusers"][nfe]["sliced_wasserstein"]
+                     for nfe in NFES} for who in ("difflab", "difflab incl. tuned")}
+    data = {"benchmark": "sampler_quality", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "command": command_line(), "machine": machine_info(), "diffusers": diffusers.__version__,
+            "n": args.n, "nfe_budgets": NFES, "sliced_wasserstein_floor": floor, "true_mean_loglik": true_loglik,
+            "runs": runs, "best": {who: {str(n): r for n, r in b.items()} for who, b in best.items()},
+            "at_least_as_close_as_diffusers": {who: {str(n): v for n, v in v_.items()} for who, v_ in verdict.items()},
+            "seconds": time.perf_counter() - started}
+    write_results("sampler_quality", data, report(runs, best, verdict, floor, args.n))
+
+
+def report(runs: list[dict], best: dict, verdict: dict, floor: float, n: int) -> str:
+    def cell(r: dict) -> str:
+        nfe = "" if r["nfe"] == r["nfe_budget"] else f" [{r['nfe']}]"
+        return f"{r['sliced_wasserstein']:.4f} ({r['loglik_gap']:+.3f}){nfe}"
+
+    def pick(r: dict) -> str:
+        return f"{r['sampler']} / {r['variant']}: {r['sliced_wasserstein']:.4f} ({r['loglik_gap']:+.3f})"
+
+    keys = list(dict.fromkeys((r["library"], r["sampler"], r["variant"]) for r in runs))
+    table = {(r["library"], r["sampler"], r["variant"], r["nfe_budget"]): r for r in runs}
+    rows = [[*key] + [cell(table[(*key, nfe)]) for nfe in NFES] for key in keys]
+    best_rows = [[f"best {who}"] + [pick(best[who][nfe]) for nfe in NFES] for who in best]
+    best_rows += [[f"{who} at least as close as diffusers"] + ["yes" if verdict[who][nfe] else "no" for nfe in NFES]
+                  for who in verdict]
+    lines = []
+    for who in verdict:
+        for nfe in (10, 20):
+            ours, theirs = best[who][nfe], best["diffusers"][nfe]
+            lines.append(f"- {nfe} NFE, {who}: {ours['sampler']} ({ours['variant']}) "
+                         f"{ours['sliced_wasserstein']:.4f} vs diffusers' {theirs['sampler']} ({theirs['variant']}) "
+                         f"{theirs['sliced_wasserstein']:.4f}: "
+                         f"{'at least as close' if verdict[who][nfe] else 'further'}.")
+    return "\n\n".join([
+        "# Sample quality vs network evaluations on the exact Gaussian mixture",
+        f"Exact eps model of an 8-component ring mixture, linear betas (1000 steps), {n} samples per run from "
+        f"seeds 0..{n - 1}, float32. Cell: sliced Wasserstein-1 to {n} true samples (floor between two sets of "
+        f"true samples: {floor:.4f}), then in parentheses the log-likelihood gap (mean log p of the samples "
+        "minus that of true samples; 0 is perfect, < 0 too spread, > 0 too concentrated), then the actual NFE "
+        "in brackets where it differs from the column's budget (Heun: 2 steps - 1). \"difflab\" excludes the "
+        "rows marked \"tuned here\" (sigma_min picked by looking at these results); \"difflab incl. tuned\" "
+        "includes them. Closeness is the sliced Wasserstein distance; differences below about the floor are "
+        "noise.",
+        "\n".join(lines),
+        markdown_table(["", *(f"NFE {nfe}" for nfe in NFES)], best_rows),
+        markdown_table(["library", "sampler", "spacing / config", *(f"NFE {nfe}" for nfe in NFES)], rows),
+    ])
+
+
+if __name__ == "__main__":
+    main()
