@@ -1,0 +1,107 @@
+"""``difflab eval``: a tiny (untrained) Fashion-MNIST checkpoint sampled and scored end to end, saved samples
+scored, bits/dim added, and one-line errors on bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from difflab.build import build_denoiser
+from difflab.checkpoint import save_checkpoint
+from difflab.cli import main
+from difflab.config import load_config
+from difflab.data import load_fashion_mnist
+
+TINY_UNET = ["model.unet.model_channels=8", "model.unet.channel_mult=[1]", "model.unet.num_res_blocks=1",
+             "model.unet.attention_resolutions=[]", "model.unet.num_heads=1", "diffusion.timesteps=50"]
+
+
+def tiny_checkpoint(folder, *overrides):
+    config = load_config(None, ["data.dataset=fashion_mnist", *TINY_UNET, *overrides])
+    denoiser = build_denoiser(config)
+    return save_checkpoint(folder / "checkpoint.safetensors", config, {"step": 7}, denoiser.net)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One statistics cache for the whole module: the test set's features are computed once."""
+    return tmp_path_factory.mktemp("stats")
+
+
+def run_eval(capsys, *args):
+    code = main(["eval", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_eval_checkpoint_writes_a_report_beside_it(tmp_path, cache_dir, capsys):
+    checkpoint = tiny_checkpoint(tmp_path, "data.conditional=true")
+    code, out, err = run_eval(capsys, checkpoint, "--n", 20, "--steps", 3, "--cache-dir", cache_dir,
+                              "--nll", 2, "--save-samples", tmp_path / "drawn.npz")
+    assert code == 0, err
+    report_path = tmp_path / "eval_ancestral_3steps_n20.json"
+    report = json.loads(report_path.read_text())
+    metrics = report["metrics"]
+    for key in ("fid", "kid", "kid_std", "precision", "recall", "is_score", "class_accuracy", "bits_per_dim"):
+        assert key in metrics and np.isfinite(metrics[key]), key
+    assert json.loads(out) == metrics
+    assert report["step"] == 7 and report["n"] == 20 and report["sampling"]["steps"] == 3
+    assert report["classifier_test_accuracy"] >= 0.92 and report["features"].startswith("fmnist_classifier-")
+    assert metrics["nll_images"] == 2 and metrics["bits_per_dim"] > 0
+    assert [p.name for p in cache_dir.iterdir() if "32px" in p.name]
+    drawn = np.load(tmp_path / "drawn.npz")
+    assert drawn["images"].shape == (20, 32, 32, 1) and list(drawn["labels"][:3]) == [0, 1, 2]
+
+
+def test_eval_saved_samples(tmp_path, cache_dir, capsys):
+    # Real training images score far better than uniform noise.
+    real = load_fashion_mnist("train", image_size=32)
+    np.savez(tmp_path / "real.npz", images=real.data[:300].permute(0, 2, 3, 1).numpy(),
+             labels=real.labels[:300].numpy())
+    noise = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 1), dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", images=noise)
+    assert run_eval(capsys, "--samples", tmp_path / "real.npz", "--cache-dir", cache_dir)[0] == 0
+    assert run_eval(capsys, "--samples", tmp_path / "noise.npz", "--cache-dir", cache_dir)[0] == 0
+    real_report = json.loads((tmp_path / "real_eval.json").read_text())["metrics"]
+    noise_report = json.loads((tmp_path / "noise_eval.json").read_text())["metrics"]
+    assert real_report["fid"] < 0.1 * noise_report["fid"]
+    # noise collapses to one point of feature space: recall 0 (precision alone can be fooled by that)
+    assert real_report["recall"] > 0.5 > noise_report["recall"]
+    assert real_report["is_score"] > 3 > noise_report["is_score"]
+    assert real_report["class_accuracy"] > 0.9 and "class_accuracy" not in noise_report
+
+
+def one_line_error(capsys, *args):
+    code, _, err = run_eval(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("difflab: error:"), err
+    return lines[0]
+
+
+def test_eval_bad_input(tmp_path, capsys):
+    assert "does not exist" in one_line_error(capsys, "--samples", tmp_path / "none.npz")
+    np.savez(tmp_path / "keys.npz", pictures=np.zeros((4, 28, 28, 1), np.uint8))
+    assert "no 'images'" in one_line_error(capsys, "--samples", tmp_path / "keys.npz")
+    np.savez(tmp_path / "float.npz", images=np.zeros((4, 28, 28, 1), np.float32))
+    assert "uint8" in one_line_error(capsys, "--samples", tmp_path / "float.npz")
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((8, 28, 28, 3), np.uint8))
+    assert "grey" in one_line_error(capsys, "--samples", tmp_path / "rgb.npz")
+    np.savez(tmp_path / "big.npz", images=np.zeros((8, 64, 64, 1), np.uint8))
+    assert "64" in one_line_error(capsys, "--samples", tmp_path / "big.npz")
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert "text.npz" in one_line_error(capsys, "--samples", tmp_path / "text.npz")
+    assert "either a checkpoint or --samples" in one_line_error(capsys)
+    assert "--nll needs a checkpoint" in one_line_error(capsys, "--samples", tmp_path / "real.npz", "--nll", 3)
+    toy = load_config("configs/toy.yaml", ["train.steps=1"])
+    save_checkpoint(tmp_path / "toy" / "checkpoint.safetensors", toy, {"step": 1}, build_denoiser(toy).net)
+    assert "'toy'" in one_line_error(capsys, tmp_path / "toy")
+
+
+def test_eval_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "difflab", "eval", "--samples", str(tmp_path / "x.npz")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"difflab: error: samples file {tmp_path / 'x.npz'} does not exist"]
