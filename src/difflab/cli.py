@@ -50,10 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.pipelines.ddpm import load_model, sample, save_samples
 
     loaded = load_model(args.checkpoint, args.weights, args.device)
-    options = loaded.config.sample
-    overrides = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance,
-                 "seed": args.seed, "batch_size": args.batch_size}
-    options = dataclasses.replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
     labels = None
     if args.class_label is not None:
         classes = loaded.denoiser.net.config.num_classes
@@ -97,13 +94,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.samples is not None:
         report = evaluate_samples(args.samples, options)
     else:
-        sampling = {"sampler": args.sampler, "steps": args.steps, "variance": args.variance, "seed": args.seed,
-                    "batch_size": args.batch_size}
-        report = evaluate(args.checkpoint, options, sampling, args.weights, args.device, args.save_samples)
+        report = evaluate(args.checkpoint, options, sampling_overrides(args), args.weights, args.device, args.save_samples)
     path = write_report(report, args.out or default_report_path(report))
     print(to_json(report["metrics"]))
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``sample`` and ``eval``; each left unset keeps the checkpoint config's value."""
+    from difflab.samplers import SAMPLERS, SPACINGS
+
+    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default: the config's)")
+    parser.add_argument("--steps", default=None, help="number of steps, or sections like 10,10,20 (ancestral)")
+    parser.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
+                        help="noise levels of the sigma-space samplers (karras, logsnr, uniform, leading, trailing)")
+    parser.add_argument("--eta", type=float, default=None, help="DDIM / ancestral-Euler noise, 0 to 1")
+    parser.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
+                        help="reverse-process variance of the ancestral sampler")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--device", default="cpu")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,15 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64, help="number of samples")
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     sample.add_argument("--name", default="samples", help="file name stem for the .png and .npz")
-    sample.add_argument("--sampler", default=None, help="sampler (default: the config's)")
-    sample.add_argument("--steps", default=None, help="number of (respaced) steps, or sections like 10,10,20")
-    sample.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
-                        help="reverse-process variance of the ancestral sampler")
-    sample.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
-    sample.add_argument("--batch-size", type=int, default=None)
+    add_sampling_arguments(sample)
     sample.add_argument("--class", dest="class_label", type=int, default=None, help="class label to sample")
-    sample.add_argument("--weights", choices=("ema", "model"), default="ema")
-    sample.add_argument("--device", default="cpu")
     sample.set_defaults(func=cmd_sample)
 
     info = sub.add_parser("info", help="describe a checkpoint")
@@ -144,15 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=Path, default=None, metavar="FILE.npz",
                           help="score saved samples instead (npz key 'images', uint8 NHWC; optional 'labels')")
     evaluate.add_argument("--n", type=int, default=10000, help="number of samples to draw")
-    evaluate.add_argument("--sampler", default=None, help="sampler (default: the config's)")
-    evaluate.add_argument("--steps", default=None, help="number of (respaced) steps, or sections like 10,10,20")
-    evaluate.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
-                          help="reverse-process variance (sampling and --nll)")
-    evaluate.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
-    evaluate.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
+    add_sampling_arguments(evaluate)
     evaluate.add_argument("--nll", type=int, default=0, metavar="N", help="also bits/dim on N test images")
-    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema")
-    evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--out", type=Path, default=None,
                           help="report path (default: eval_<sampler>_<steps>steps_n<N>.json beside the checkpoint)")
     evaluate.add_argument("--save-samples", type=Path, default=None, metavar="FILE.npz",
