@@ -174,7 +174,7 @@ def test_classifier_name_follows_its_weights(tiny_classifier_file, tmp_path):
     changed = save_classifier(net, tmp_path / "changed" / "tiny.safetensors", {"test_accuracy": 0.1})
     name = load_classifier(tiny_classifier_file).name
     assert load_classifier(same).name == name and load_classifier(changed).name != name
-    with pytest.raises(DifflabError, match="do not exist"):
+    with pytest.raises(DifflabError, match="does not exist"):
         load_classifier(tmp_path / "missing.safetensors")
 
 

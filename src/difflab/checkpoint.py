@@ -47,7 +47,8 @@ def resolve(path: str | Path) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _fsync_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary name beside ``path``, fsync it, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -88,23 +89,29 @@ def save_checkpoint(path: str | Path, config: Config, state: dict, model: torch.
         tensors.update(optim_tensors)
     config_json = json.dumps(to_dict(config), indent=1)
     metadata = {"format": FORMAT, "config": config_json, "state": json.dumps(state)}
-    _fsync_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _fsync_write(path.with_name("config.json"), lambda tmp: tmp.write_text(config_json + "\n"))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path.with_name("config.json"), lambda tmp: tmp.write_text(config_json + "\n"))
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    path = resolve(path)
+def read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a difflab safetensors file, with errors naming the file."""
     if not path.is_file():
-        raise DifflabError(f"checkpoint {path} does not exist")
+        raise DifflabError(f"{what} {path} does not exist")
     try:
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise DifflabError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    if metadata.get("format") != FORMAT:
-        raise DifflabError(f"{path}: not a difflab checkpoint (metadata format is {metadata.get('format')!r})")
+        raise DifflabError(f"{path}: not a readable safetensors {what} ({e})") from None
+    if metadata.get("format") != expected_format:
+        raise DifflabError(f"{path}: not a difflab {what} (metadata format is {metadata.get('format')!r})")
+    return tensors, metadata
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = resolve(path)
+    tensors, metadata = read_safetensors(path, FORMAT, "checkpoint")
     config = config_from_json(metadata.get("config", ""), f"{path} (config)")
     try:
         state = json.loads(metadata.get("state", ""))

@@ -15,17 +15,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from difflab.checkpoint import atomic_write, read_safetensors
 from difflab.errors import DifflabError
 from difflab.nets.classifier import Classifier, ClassifierConfig
 
@@ -104,12 +103,7 @@ def save_classifier(net: Classifier, path: str | Path, metadata: dict) -> Path:
     meta = {"format": CLASSIFIER_FORMAT, "config": json.dumps(dataclasses.asdict(net.config)),
             **{k: json.dumps(v) for k, v in metadata.items()}}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     return path
 
 
@@ -117,16 +111,7 @@ def load_classifier(path: str | Path, name: str | None = None) -> ClassifierExtr
     """A classifier file written by ``save_classifier``, as a feature extractor named
     ``<name or file stem>-<digest of weights and config>``."""
     path = Path(path)
-    if not path.is_file():
-        raise DifflabError(f"classifier weights {path} do not exist")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DifflabError(f"{path}: not a readable safetensors file ({e})") from None
-    if metadata.get("format") != CLASSIFIER_FORMAT:
-        raise DifflabError(f"{path}: not a difflab classifier (metadata format is {metadata.get('format')!r})")
+    tensors, metadata = read_safetensors(path, CLASSIFIER_FORMAT, "classifier")
     try:
         values = json.loads(metadata.pop("config"))
         config = ClassifierConfig(**{**values, "channels": tuple(values["channels"])})

@@ -213,7 +213,9 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1) + "\n")
         start_time, window_start, losses = time.perf_counter(), time.perf_counter(), []
         stopped_by, loss = "steps", math.nan
-        bar = tqdm(total=t.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
+        budget = f" (stops after {t.max_minutes:g} min)" if t.max_minutes is not None else ""
+        bar = tqdm(total=t.steps, initial=self.step, desc=f"training{budget}", unit="step",
+                   disable=not self.progress)
         try:
             while self.step < t.steps:
                 loss = self.train_step()
