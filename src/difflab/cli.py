@@ -101,7 +101,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size")
+SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size", "guidance")
+THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
+              "static": {"clip_x0": True, "dynamic_threshold": None},
+              "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,12 +120,17 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reverse-process variance of the ancestral sampler")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")
     parser.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance weight w (diffusers' guidance_scale = 1 + w)")
+    parser.add_argument("--threshold", choices=sorted(THRESHOLDS), default=None,
+                        help="x0 thresholding: static clip to [-1, 1], dynamic (p = 0.995), or none")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
     parser.add_argument("--device", default="cpu")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    return {**overrides, **THRESHOLDS.get(args.threshold, {})}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,8 @@ class SampleConfig:
     s_tmin: float = 0.0
     s_tmax: float | None = None         # None: no upper limit
     s_noise: float = 1.0
+    guidance: float = 0.0               # classifier-free guidance weight w (guidance_scale = 1 + w elsewhere)
+    dynamic_threshold: float | None = None   # percentile p of Saharia et al. 2022 (replaces clip_x0 when set)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from difflab.config import Config, SampleConfig
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, SigmaDenoiser
 from difflab.errors import DifflabError
+from difflab.guidance import ClassifierFreeGuidance, ThresholdedNet, dynamic_threshold
 from difflab.imageio import save_grid, save_npz, save_scatter
 from difflab.samplers import DISCRETE_SAMPLERS, SAMPLER_OPTIONS, SAMPLERS, build_sigmas, generate, prior_std
 from difflab.schedules import space_timesteps
@@ -42,6 +44,25 @@ def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> L
                        int(checkpoint.state.get("step", 0)), checkpoint.path)
 
 
+def guided(denoiser: Denoiser, options: SampleConfig, labels: torch.Tensor | None,
+           clip_x0: bool) -> tuple[Denoiser, bool]:
+    """The denoiser with classifier-free guidance and dynamic thresholding applied as the options ask,
+    and whether the sampler should still clip x0 statically."""
+    net = denoiser.net
+    if options.guidance:
+        classes = getattr(getattr(net, "config", None), "num_classes", None)
+        if not classes or labels is None:
+            raise DifflabError("guidance needs a class-conditional model and class labels (--class)")
+        net = ClassifierFreeGuidance(net, options.guidance, null_label=classes)
+    if options.dynamic_threshold is not None:
+        net = ThresholdedNet(net, denoiser.schedule, denoiser.prediction,
+                             functools.partial(dynamic_threshold, percentile=options.dynamic_threshold))
+        clip_x0 = False
+    if net is denoiser.net:
+        return denoiser, clip_x0
+    return Denoiser(net, denoiser.schedule, denoiser.prediction), clip_x0
+
+
 def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | None = None,
            labels: torch.Tensor | None = None, device: str = "cpu", progress: bool = False) -> torch.Tensor:
     """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``."""
@@ -49,6 +70,7 @@ def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | N
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
     clip_x0 = options.clip_x0 and config.data.dataset != "toy"
+    denoiser, clip_x0 = guided(denoiser, options, labels, clip_x0)
     kwargs = {name: getattr(options, name) for name in SAMPLER_OPTIONS[options.sampler]
               if getattr(options, name) is not None}
     schedule = build_schedule(config.diffusion)
