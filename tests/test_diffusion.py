@@ -72,12 +72,12 @@ def test_parameterisations_round_trip(schedule):
     eps = torch.randn(8, 2, 4, 4, generator=g, dtype=torch.float64)
     t = torch.tensor([0, 1, 10, 100, 400, 700, 950, 999])
     xt = diffusion.q_sample(schedule, x0, t, eps)
-    assert torch.allclose(diffusion.predict_x0_from_eps(schedule, xt, t, eps), x0, atol=1e-6)
-    assert torch.allclose(diffusion.predict_eps_from_x0(schedule, xt, t, x0), eps, atol=1e-6)
-    v = diffusion.v_target(schedule, x0, t, eps)
-    assert torch.allclose(diffusion.predict_x0_from_v(schedule, xt, t, v), x0, atol=1e-10)
-    assert torch.allclose(diffusion.predict_eps_from_v(schedule, xt, t, v), eps, atol=1e-10)
     a = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert torch.allclose(diffusion.x0_from_eps(xt, a, eps), x0, atol=1e-6)
+    assert torch.allclose(diffusion.eps_from_x0(xt, a, x0), eps, atol=1e-6)
+    v = diffusion.v_target(schedule, x0, t, eps)
+    assert torch.allclose(diffusion.x0_from_v(xt, a, v), x0, atol=1e-10)
+    assert torch.allclose(diffusion.eps_from_v(xt, a, v), eps, atol=1e-10)
     assert torch.allclose(diffusion.score_from_eps(schedule, xt, t, eps), -eps / (1 - a).sqrt())
 
 

@@ -67,25 +67,9 @@ def eps_from_v(xt: torch.Tensor, abar: torch.Tensor, v: torch.Tensor) -> torch.T
     return (1 - abar).sqrt() * xt + abar.sqrt() * v
 
 
-def predict_x0_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return x0_from_eps(xt, extract(schedule.alphas_cumprod, t, xt), eps)
-
-
-def predict_eps_from_x0(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    return eps_from_x0(xt, extract(schedule.alphas_cumprod, t, xt), x0)
-
-
 def v_target(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 (Salimans & Ho 2022, Sec. 4)."""
     return v_from_eps(x0, extract(schedule.alphas_cumprod, t, x0), eps)
-
-
-def predict_x0_from_v(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return x0_from_v(xt, extract(schedule.alphas_cumprod, t, xt), v)
-
-
-def predict_eps_from_v(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return eps_from_v(xt, extract(schedule.alphas_cumprod, t, xt), v)
 
 
 def score_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

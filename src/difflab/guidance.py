@@ -71,4 +71,4 @@ class ThresholdedNet(nn.Module):
             return eps
         if self.prediction == "x0":
             return x0
-        return abar.sqrt() * eps - (1 - abar).sqrt() * x0          # v (Salimans & Ho 2022, Sec. 4)
+        return diffusion.v_from_eps(x0, abar, eps)

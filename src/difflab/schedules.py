@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -57,7 +58,8 @@ class NoiseSchedule:
 
     ``timesteps`` maps each index of this schedule to the timestep of the network's training schedule;
     it is ``arange(T)`` for a full schedule and a subsequence for a respaced one (Nichol & Dhariwal 2021,
-    Sec. 4), so that the network is always called with the timestep it was trained on.
+    Sec. 4), so that the network is always called with the timestep it was trained on. Derived tensors
+    are computed once, on first use (the sampler loops read them every step).
     """
 
     betas: torch.Tensor
@@ -82,29 +84,29 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return len(self.betas)
 
-    @property
+    @cached_property
     def alphas(self) -> torch.Tensor:
         return 1.0 - self.betas
 
-    @property
+    @cached_property
     def alphas_cumprod(self) -> torch.Tensor:
         return torch.cumprod(self.alphas, dim=0)
 
-    @property
+    @cached_property
     def alphas_cumprod_prev(self) -> torch.Tensor:
         return torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
 
-    @property
+    @cached_property
     def sigmas(self) -> torch.Tensor:
         """Noise-to-signal ratio sigma_t = sqrt((1 - alpha-bar_t) / alpha-bar_t) (Karras et al. 2022)."""
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
-    @property
+    @cached_property
     def posterior_variance(self) -> torch.Tensor:
         """beta-tilde_t = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) * beta_t (Ho et al. 2020, Eq. 7)."""
         return self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
 
-    @property
+    @cached_property
     def posterior_log_variance_clipped(self) -> torch.Tensor:
         """log beta-tilde_t with the t = 1 value (which is 0) replaced by that of t = 2, as in ADM."""
         var = self.posterior_variance
@@ -112,12 +114,12 @@ class NoiseSchedule:
             return self.betas.log()
         return torch.cat([var[1:2], var[1:]]).log()
 
-    @property
+    @cached_property
     def posterior_mean_coef_x0(self) -> torch.Tensor:
         """Coefficient of x_0 in mu-tilde_t (Ho et al. 2020, Eq. 7)."""
         return self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
 
-    @property
+    @cached_property
     def posterior_mean_coef_xt(self) -> torch.Tensor:
         """Coefficient of x_t in mu-tilde_t (Ho et al. 2020, Eq. 7)."""
         return (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
