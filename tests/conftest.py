@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))   # 2 cores; helpers pass 1
 
 
 @pytest.fixture

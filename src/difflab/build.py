@@ -40,25 +40,31 @@ def num_classes(config: DataConfig) -> int | None:
     return 10 if config.conditional and config.dataset == "fashion_mnist" else None
 
 
-def build_net(model: ModelConfig, data: DataConfig) -> nn.Module:
-    """The network, with its input size and number of classes taken from the data config."""
+def build_net(model: ModelConfig, data: DataConfig, learn_variance: bool = False) -> nn.Module:
+    """The network, with its input size and number of classes taken from the data config; a learned
+    variance doubles the output channels (eps first, then the variance interpolation)."""
     shape = sample_shape(data)
     if model.kind == "unet":
         if len(shape) != 3:
             raise DifflabError(f"model.kind 'unet' needs image data, but data.dataset is {data.dataset!r}")
         return UNet(dataclasses.replace(model.unet, in_channels=shape[0], image_size=shape[1],
+                                        out_channels=shape[0] * (2 if learn_variance else 1),
                                         num_classes=num_classes(data)))
     if model.kind == "mlp":
         if len(shape) != 1:
             raise DifflabError("model.kind 'mlp' needs vector data (data.dataset: toy)")
+        if learn_variance:
+            raise DifflabError("diffusion.learn_variance needs model.kind 'unet'")
         return MLP(dataclasses.replace(model.mlp, dim=shape[0], num_classes=num_classes(data)))
     raise DifflabError(f"unknown model.kind {model.kind!r}; choose 'unet' or 'mlp'")
 
 
 def build_schedule(config: DiffusionConfig) -> NoiseSchedule:
-    return NoiseSchedule.from_name(config.schedule, config.timesteps)
+    options = ({"sigma_min": config.sigma_min, "sigma_max": config.sigma_max}
+               if config.schedule == "geometric" else {})
+    return NoiseSchedule.from_name(config.schedule, config.timesteps, **options)
 
 
 def build_denoiser(config: Config) -> Denoiser:
-    return Denoiser(build_net(config.model, config.data), build_schedule(config.diffusion),
-                    config.diffusion.prediction)
+    return Denoiser(build_net(config.model, config.data, config.diffusion.learn_variance),
+                    build_schedule(config.diffusion), config.diffusion.prediction, config.diffusion.learn_variance)

@@ -77,10 +77,14 @@ def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> 
 
 def save_checkpoint(path: str | Path, config: Config, state: dict, model: torch.nn.Module,
                     ema_model: torch.nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    train_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """``train_tensors``: other training state (e.g. the timestep sampler's loss history), saved under
+    ``train.`` (read back with ``Checkpoint.section("train")``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"train.{k}": v.detach().contiguous() for k, v in (train_tensors or {}).items()})
     if ema_model is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema_model.state_dict().items()})
     state = dict(state)

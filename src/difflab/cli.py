@@ -101,7 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size", "guidance")
+SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size", "guidance",
+                    "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr")
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
@@ -115,7 +116,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default=None, help="number of steps, or sections like 10,10,20 (ancestral)")
     parser.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
                         help="noise levels of the sigma-space samplers (karras, logsnr, uniform, leading, trailing)")
+    parser.add_argument("--sigma-min", type=float, default=None, help="karras/logsnr: smallest noise level")
+    parser.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: largest noise level")
     parser.add_argument("--eta", type=float, default=None, help="DDIM / ancestral-Euler noise, 0 to 1")
+    parser.add_argument("--langevin-steps", type=int, default=None,
+                        help="langevin: steps per noise level; pc: corrector steps per level")
+    parser.add_argument("--step-size", type=float, default=None,
+                        help="langevin: epsilon of Song & Ermon 2019, Alg. 1 (step = epsilon sigma_i^2 / sigma_L^2)")
+    parser.add_argument("--snr", type=float, default=None, help="pc: corrector signal-to-noise ratio r")
     parser.add_argument("--variance", choices=("beta", "beta_tilde"), default=None,
                         help="reverse-process variance of the ancestral sampler")
     parser.add_argument("--seed", type=int, default=None, help="seed of the first sample (sample i: seed+i)")

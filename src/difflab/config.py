@@ -42,9 +42,12 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"            # linear | cosine
-    timesteps: int = 1000
+    schedule: str = "linear"            # linear | cosine | geometric (NCSN's noise levels, Song & Ermon 2019)
+    timesteps: int = 1000               # T; for geometric, the number L of noise levels
     prediction: str = "eps"             # eps | x0 | v
+    learn_variance: bool = False        # the network also outputs the reverse variance (Nichol & Dhariwal 2021)
+    sigma_min: float = 0.01             # geometric: smallest and largest noise level sigma (VE, data in [-1, 1])
+    sigma_max: float = 50.0
 
 
 @dataclass
@@ -61,6 +64,9 @@ class TrainConfig:
     ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
     ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
     label_dropout: float = 0.1               # conditional models: probability of the null label
+    loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3)
+    vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda L_vlb
+    timestep_sampling: str = "uniform"       # uniform | importance (p_t ~ sqrt(E[L_t^2]), for loss: vlb)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -92,6 +98,9 @@ class SampleConfig:
     s_tmin: float = 0.0
     s_tmax: float | None = None         # None: no upper limit
     s_noise: float = 1.0
+    langevin_steps: int = 10            # langevin: steps per noise level (T of Song & Ermon 2019, Alg. 1); pc: corrector steps
+    step_size: float = 2e-5             # langevin: epsilon of Song & Ermon 2019, Alg. 1 (step = epsilon sigma_i^2 / sigma_L^2)
+    snr: float = 0.16                   # pc: signal-to-noise ratio r of the corrector (Song et al. 2021, Alg. 5)
     guidance: float = 0.0               # classifier-free guidance weight w (guidance_scale = 1 + w elsewhere)
     dynamic_threshold: float | None = None   # percentile p of Saharia et al. 2022 (replaces clip_x0 when set)
 

@@ -28,6 +28,7 @@ PREDICTIONS = ("eps", "x0", "v")
 class Prediction:
     eps: torch.Tensor
     x0: torch.Tensor
+    variance: torch.Tensor | None = None    # learned variance: the raw interpolation v (``learned_log_variance``)
 
 
 def to_prediction(kind: str, xt: torch.Tensor, abar: torch.Tensor, output: torch.Tensor) -> Prediction:
@@ -42,16 +43,32 @@ def to_prediction(kind: str, xt: torch.Tensor, abar: torch.Tensor, output: torch
     raise DifflabError(f"unknown prediction type {kind!r}; choose one of {PREDICTIONS}")
 
 
-class Denoiser(nn.Module):
-    """Wraps a network ``net(x, t, y=None)`` trained on ``schedule`` to predict ``prediction``."""
+def split_output(output: torch.Tensor, learned_variance: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A network's output as (mean parameterisation, variance interpolation or None): a learned-variance
+    network (Nichol & Dhariwal 2021, Sec. 3.1) outputs twice the image's channels, eps (or x0, v) first."""
+    if not learned_variance:
+        return output, None
+    mean, variance = output.chunk(2, dim=1)
+    return mean, variance
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps"):
+
+class Denoiser(nn.Module):
+    """Wraps a network ``net(x, t, y=None)`` trained on ``schedule`` to predict ``prediction`` (and, with
+    ``learned_variance``, the reverse variance's interpolation v in its second half of channels)."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str = "eps",
+                 learned_variance: bool = False):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise DifflabError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
+        self.learned_variance = learned_variance
+
+    def with_net(self, net: nn.Module) -> "Denoiser":
+        """The same denoiser around another network (a wrapper of this one, its EMA copy, ...)."""
+        return Denoiser(net, self.schedule, self.prediction, self.learned_variance)
 
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """What the network should output for x_t = q_sample(x0, t, noise)."""
@@ -62,8 +79,11 @@ class Denoiser(nn.Module):
         return diffusion.v_target(self.schedule, x0, t, noise)
 
     def to_prediction(self, xt: torch.Tensor, t: torch.Tensor, output: torch.Tensor) -> Prediction:
-        """Both eps and x0 from the network's raw output at integer timesteps ``t``."""
-        return to_prediction(self.prediction, xt, diffusion.extract(self.schedule.alphas_cumprod, t, xt), output)
+        """eps, x0 (and the variance output) from the network's raw output at integer timesteps ``t``."""
+        mean, variance = split_output(output, self.learned_variance)
+        pred = to_prediction(self.prediction, xt, diffusion.extract(self.schedule.alphas_cumprod, t, xt), mean)
+        pred.variance = variance
+        return pred
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> Prediction:
         output = self.net(xt, t, y) if y is not None else self.net(xt, t)
@@ -122,5 +142,6 @@ class SigmaDenoiser(nn.Module):
         t = sigma_to_t(self.log_sigmas, sigma).to(x.device)
         net = self.denoiser.net
         output = (net(xt, t, y) if y is not None else net(xt, t)).to(x.dtype)
-        x0 = to_prediction(self.denoiser.prediction, xt, abar, output).x0
+        mean, _ = split_output(output, self.denoiser.learned_variance)      # ODE solvers use the mean only
+        x0 = to_prediction(self.denoiser.prediction, xt, abar, mean).x0
         return x0.clamp(-1, 1) if self.clip_x0 else x0

@@ -78,6 +78,20 @@ def score_from_eps(schedule: NoiseSchedule, xt: torch.Tensor, t: torch.Tensor, e
     return -eps / (1 - a).sqrt()
 
 
+# -- the reverse process's variance -------------------------------------------------------------------------
+def learned_log_variance(schedule: NoiseSchedule, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """log Sigma_theta = v log beta_t + (1 - v) log beta-tilde_t (Nichol & Dhariwal 2021, Eq. 15), per element.
+
+    ``v`` is the network's raw output in [-1, 1] mapped to [0, 1] by (v + 1) / 2, as in the paper's code;
+    log beta-tilde is clipped at t = 1 (``posterior_log_variance_clipped``). On a respaced schedule the betas
+    are the respaced ones (Sec. 4), so the same output interpolates the right range at every stride.
+    """
+    frac = (v + 1) / 2
+    log_beta = extract(schedule.betas.log(), t, v)
+    log_beta_tilde = extract(schedule.posterior_log_variance_clipped, t, v)
+    return frac * log_beta + (1 - frac) * log_beta_tilde
+
+
 # -- variational bound terms (Ho et al. 2020, Eq. 5) ---------------------------------------------------------
 def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
     """KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))), elementwise, in nats."""
@@ -114,3 +128,15 @@ def prior_kl(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     t = torch.full((x0.shape[0],), len(schedule) - 1, dtype=torch.long, device=x0.device)
     mean, var = q_mean_variance(schedule, x0, t)
     return normal_kl(mean, var.log(), torch.zeros_like(mean), torch.zeros_like(mean))
+
+
+def vlb_term(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+             model_mean: torch.Tensor, model_log_var: torch.Tensor) -> torch.Tensor:
+    """One term of the bound per element, in nats, for p_theta(x_{t-1} | x_t) = N(model_mean, exp(model_log_var)):
+    L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta) where t > 0 (index), and L_0 = -log p_theta(x_0 | x_1),
+    the discretised decoder (Eq. 13), where t = 0. ``x0`` holds the data (256 levels in [-1, 1])."""
+    true_mean, _, true_log_var = q_posterior(schedule, x0, xt, t)
+    kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
+    decoder = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    first = (t == 0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.where(first, decoder, kl)

@@ -7,6 +7,10 @@ scale is ``guidance_scale = 1 + w`` (diffusers, Imagen): w = 0 is the plain cond
 
 Thresholding of the x0 prediction (Saharia et al. 2022, "Imagen", Sec. 2.3): static clips to [-1, 1];
 dynamic takes s = the p-th percentile of |x0| per sample, s = max(s, 1), and maps x0 to clip(x0, -s, s) / s.
+
+A learned-variance network (Nichol & Dhariwal 2021) outputs eps (or x0, v) in its first ``mean_channels``
+channels and the variance interpolation after them: the wrappers then act on the first part only and pass
+the conditional variance through, as GLIDE does (Nichol et al. 2022, Sec. 3).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from difflab.schedules import NoiseSchedule
 class ClassifierFreeGuidance(nn.Module):
     """(1 + w) net(x, t, y) - w net(x, t, null), both halves in one batched forward pass."""
 
-    def __init__(self, net: nn.Module, w: float, null_label: int):
+    def __init__(self, net: nn.Module, w: float, null_label: int, mean_channels: int | None = None):
         super().__init__()
-        self.net, self.w, self.null_label = net, w, null_label
+        self.net, self.w, self.null_label, self.mean_channels = net, w, null_label, mean_channels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None or self.w == 0:
@@ -35,7 +39,9 @@ class ClassifierFreeGuidance(nn.Module):
         null = torch.full_like(y, self.null_label)
         both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))   # (2B, ...)
         conditional, unconditional = both.chunk(2)
-        return conditional + self.w * (conditional - unconditional)
+        c = self.mean_channels or conditional.shape[1]
+        guided = conditional[:, :c] + self.w * (conditional[:, :c] - unconditional[:, :c])
+        return torch.cat([guided, conditional[:, c:]], dim=1) if c < conditional.shape[1] else guided
 
 
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:
@@ -63,12 +69,12 @@ class ThresholdedNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         output = self.net(x, t, y) if y is not None else self.net(x, t)
+        mean, rest = output[:, :x.shape[1]], output[:, x.shape[1]:]              # rest: a learned variance
         sigma = t_to_sigma(self.log_sigmas, torch.as_tensor(t).expand(x.shape[0]))
         abar = (1 / (1 + sigma ** 2)).reshape(-1, *([1] * (x.ndim - 1))).to(x)
-        x0 = self.threshold(to_prediction(self.prediction, x, abar, output).x0)
+        x0 = self.threshold(to_prediction(self.prediction, x, abar, mean).x0)
         eps = diffusion.eps_from_x0(x, abar, x0)
-        if self.prediction == "eps":
-            return eps
-        if self.prediction == "x0":
-            return x0
-        return diffusion.v_from_eps(x0, abar, eps)
+        out = {"eps": eps, "x0": x0}.get(self.prediction)
+        if out is None:
+            out = diffusion.v_from_eps(x0, abar, eps)
+        return torch.cat([out, rest], dim=1) if rest.shape[1] else out

@@ -6,7 +6,8 @@
     L_0     = -log p_theta(x_0 | x_1), the discretised Gaussian decoder (Eq. 13)
 
 with p_theta(x_{t-1} | x_t) = N(mu-tilde_t(x_t, x0_hat), sigma_t^2 I): the posterior mean at the
-network's x_0 prediction (Eqs. 7, 11) and the fixed variance sigma_t^2 = beta_t or beta-tilde_t (Sec. 3.2).
+network's x_0 prediction (Eqs. 7, 11) and the fixed variance sigma_t^2 = beta_t or beta-tilde_t (Sec. 3.2),
+or a learned-variance model's own Sigma_theta (Nichol & Dhariwal 2021, Eq. 15).
 Every term is evaluated at every t (no sampling of t), one x_t per image and t; several timesteps share
 one forward batch. The decoder's variance is sigma_1^2: beta_1 (the paper's choice) or, since
 beta-tilde_1 = 0, beta-tilde_2 (the clipped value ADM uses). Bits/dim = L / (D ln 2).
@@ -68,11 +69,11 @@ def term_nats(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, index: tor
     pred = denoiser(xt.to(net_dtype), schedule.timesteps[index.cpu()].to(xt.device), y)
     x0_hat = pred.x0.double().clamp(-1, 1) if clip_x0 else pred.x0.double()
     model_mean, _, _ = diffusion.q_posterior(schedule, x0_hat, xt, index)       # Eq. 11 via Eq. 7
-    model_log_var = diffusion.extract(log_var, index, xt).expand_as(xt)
-    true_mean, _, true_log_var = diffusion.q_posterior(schedule, x0, xt, index)
-    kl = diffusion.normal_kl(true_mean, true_log_var, model_mean, model_log_var).flatten(1).sum(1)
-    decoder = -diffusion.discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
-    return torch.where(index == 0, decoder.flatten(1).sum(1), kl)
+    if pred.variance is not None:                                               # Nichol & Dhariwal 2021, Eq. 15
+        model_log_var = diffusion.learned_log_variance(schedule, index, pred.variance.double())
+    else:
+        model_log_var = diffusion.extract(log_var, index, xt).expand_as(xt)
+    return diffusion.vlb_term(schedule, x0, xt, index, model_mean, model_log_var).flatten(1).sum(1)
 
 
 @torch.no_grad()

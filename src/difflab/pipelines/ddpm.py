@@ -44,7 +44,7 @@ def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> L
                        int(checkpoint.state.get("step", 0)), checkpoint.path)
 
 
-def guided(denoiser: Denoiser, options: SampleConfig, labels: torch.Tensor | None,
+def guided(denoiser: Denoiser, config: Config, options: SampleConfig, labels: torch.Tensor | None,
            clip_x0: bool) -> tuple[Denoiser, bool]:
     """The denoiser with classifier-free guidance and dynamic thresholding applied as the options ask,
     and whether the sampler should still clip x0 statically."""
@@ -53,14 +53,15 @@ def guided(denoiser: Denoiser, options: SampleConfig, labels: torch.Tensor | Non
         classes = getattr(getattr(net, "config", None), "num_classes", None)
         if not classes or labels is None:
             raise DifflabError("guidance needs a class-conditional model and class labels (--class)")
-        net = ClassifierFreeGuidance(net, options.guidance, null_label=classes)
+        mean_channels = sample_shape(config.data)[0] if denoiser.learned_variance else None
+        net = ClassifierFreeGuidance(net, options.guidance, null_label=classes, mean_channels=mean_channels)
     if options.dynamic_threshold is not None:
         net = ThresholdedNet(net, denoiser.schedule, denoiser.prediction,
                              functools.partial(dynamic_threshold, percentile=options.dynamic_threshold))
         clip_x0 = False
     if net is denoiser.net:
         return denoiser, clip_x0
-    return Denoiser(net, denoiser.schedule, denoiser.prediction), clip_x0
+    return denoiser.with_net(net), clip_x0
 
 
 def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | None = None,
@@ -70,7 +71,7 @@ def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | N
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
     clip_x0 = options.clip_x0 and config.data.dataset != "toy"
-    denoiser, clip_x0 = guided(denoiser, options, labels, clip_x0)
+    denoiser, clip_x0 = guided(denoiser, config, options, labels, clip_x0)
     kwargs = {name: getattr(options, name) for name in SAMPLER_OPTIONS[options.sampler]
               if getattr(options, name) is not None}
     schedule = build_schedule(config.diffusion)

@@ -65,6 +65,7 @@ class StepBatch:
     t: torch.Tensor
     noise: torch.Tensor
     y: torch.Tensor | None = None
+    weights: torch.Tensor | None = None     # per-example loss weights (importance-sampled timesteps)
 
     def _map(self, fn) -> "StepBatch":
         return StepBatch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))

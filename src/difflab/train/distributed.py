@@ -55,6 +55,14 @@ class DistributedContext:
         torch_dist.all_reduce(value)
         return value / self.world_size
 
+    def gather(self, value: torch.Tensor) -> torch.Tensor:
+        """The ranks' equally shaped ``value`` concatenated in rank order along the first dimension."""
+        if not self.is_distributed:
+            return value
+        parts = [torch.empty_like(value) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, value.contiguous())
+        return torch.cat(parts)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on at least one, so all ranks take the same branch."""
         if not self.is_distributed:

@@ -1,4 +1,5 @@
-"""The training loop: L_simple with AdamW, warm-up, gradient clipping, EMA, logs, grids and checkpoints.
+"""The training loop: a loss of ``difflab.losses`` (L_simple, L_hybrid or L_vlb) at uniform or
+importance-sampled timesteps, with AdamW, warm-up, gradient clipping, EMA, logs, grids and checkpoints.
 
 Each step is a pure function of (weights, optimiser state, seed, step): see ``batches.py``. That is what
 makes ``resume`` bit-exact on the CPU.
@@ -27,7 +28,7 @@ from difflab.build import build_data, build_denoiser
 from difflab.config import Config, to_dict
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
-from difflab.losses import simple_loss
+from difflab.losses import LOSSES, build_loss
 from difflab.pipelines.ddpm import sample, save_samples
 from difflab.train.batches import EpochBatches, StepBatch, dropout_seed, step_generator
 from difflab.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_optimizer, load_weights, save_checkpoint
@@ -35,6 +36,7 @@ from difflab.train import distributed
 from difflab.train.distributed import DistributedContext
 from difflab.train.ema import EMA
 from difflab.train.precision import Precision
+from difflab.train.timesteps import TIMESTEP_SAMPLERS, ImportanceTimesteps, build_timestep_sampler
 
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.steps", "train.max_minutes",
@@ -70,6 +72,18 @@ def check_step_layout(config: Config, world_size: int) -> None:
                            f"{world_size} ranks x train.grad_accumulation {t.grad_accumulation}")
 
 
+def check_objective(config: Config) -> None:
+    """The loss and timestep sampler exist, and L_hybrid has a variance to train."""
+    t = config.train
+    if t.loss not in LOSSES:
+        raise DifflabError(f"unknown train.loss {t.loss!r}; choose one of {LOSSES}")
+    if t.timestep_sampling not in TIMESTEP_SAMPLERS:
+        raise DifflabError(f"unknown train.timestep_sampling {t.timestep_sampling!r}; "
+                           f"choose one of {TIMESTEP_SAMPLERS}")
+    if t.loss == "hybrid" and not config.diffusion.learn_variance:
+        raise DifflabError("train.loss 'hybrid' trains the reverse variance: set diffusion.learn_variance: true")
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -85,6 +99,7 @@ class Trainer:
         t = config.train
         self.dist = dist or distributed.single_process(t.device)
         check_step_layout(config, self.dist.world_size)
+        check_objective(config)
         self.device = self.dist.device
         self.out_dir = Path(t.out_dir)
         self.progress = progress and self.dist.is_main
@@ -95,7 +110,9 @@ class Trainer:
         if t.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, t.ema_halflife_images, t.ema_rampup_ratio)
-        self.ema_denoiser = Denoiser(self.ema.model, self.denoiser.schedule, self.denoiser.prediction)
+        self.ema_denoiser = self.denoiser.with_net(self.ema.model)
+        self.loss = build_loss(t.loss, t.vlb_weight)
+        self.timesteps = build_timestep_sampler(t.timestep_sampling, len(self.denoiser.schedule))
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=t.adam_betas,
                                            weight_decay=t.weight_decay)
         self.precision = Precision(t.precision, self.device)
@@ -116,7 +133,7 @@ class Trainer:
             self.net.gradient_checkpointing = True
         parallel = distributed.data_parallel(self.net, self.dist)
         forward = torch.compile(parallel) if t.compile else parallel
-        return parallel, Denoiser(forward, self.denoiser.schedule, self.denoiser.prediction)
+        return parallel, self.denoiser.with_net(forward)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _resume(self, path: Path) -> None:
@@ -129,6 +146,8 @@ class Trainer:
         load_weights(self.net, checkpoint, "model")
         load_weights(self.ema.model, checkpoint, "ema")
         load_optimizer(self.optimizer, checkpoint)
+        self.timesteps.load_state_tensors({k.removeprefix("timesteps."): v
+                                           for k, v in checkpoint.section("train").items()})
         self.precision.load_state_dict(checkpoint.state.get("grad_scaler", {}))
         self.step = int(checkpoint.state["step"])
 
@@ -140,7 +159,8 @@ class Trainer:
         state = {"step": self.step, "images_seen": self.step * self.config.train.batch_size}
         if self.precision.scaler is not None:
             state["grad_scaler"] = self.precision.state_dict()
-        return save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer)
+        train_tensors = {f"timesteps.{k}": v for k, v in self.timesteps.state_tensors().items()}
+        return save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer, train_tensors)
 
     # -- one step -------------------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -153,16 +173,19 @@ class Trainer:
         g = step_generator(t.seed, step)
         x0, y = self.data.batch(self.batches.indices(step))
         y = y if self.config.data.conditional else None
-        timesteps = torch.randint(0, len(self.denoiser.schedule), (x0.shape[0],), generator=g)
+        timesteps, weights = self.timesteps.sample(x0.shape[0], g)
         noise = torch.randn(x0.shape, generator=g)
         if y is not None:   # label dropout: the null label trains the unconditional model (Ho & Salimans 2021)
             drop = torch.rand(y.shape, generator=g) < t.label_dropout
             y = torch.where(drop, torch.full_like(y, self.data.num_classes), y)
-        return StepBatch(x0, timesteps, noise, y)
+        return StepBatch(x0, timesteps, noise, y, weights)
 
-    def micro_batch_loss(self, batch: StepBatch) -> torch.Tensor:
+    def micro_batch_loss(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's (importance-weighted) mean loss, and each example's unweighted loss."""
         with self.precision.autocast():
-            return simple_loss(self.train_denoiser, batch.x0, batch.t, batch.noise, batch.y).mean()
+            losses = self.loss(self.train_denoiser, batch.x0, batch.t, batch.noise, batch.y)
+        weighted = losses * batch.weights if batch.weights is not None else losses
+        return weighted.mean(), losses.detach()
 
     def train_step(self) -> float:
         """One optimiser step on the global batch; returns its mean loss (over all ranks)."""
@@ -171,12 +194,16 @@ class Trainer:
         local = self.global_batch(self.step).shard(self.dist.rank, self.dist.world_size)
         micro_batches = local.to(self.device, t.channels_last).split(t.grad_accumulation)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=self.device)
+        loss, example_losses = torch.zeros((), device=self.device), []
         for i, micro in enumerate(micro_batches):
             with distributed.no_sync(self.parallel, skip=i < len(micro_batches) - 1):
-                micro_loss = self.micro_batch_loss(micro) / len(micro_batches)
-                self.precision.backward(micro_loss)
-            loss += micro_loss.detach()
+                micro_loss, losses = self.micro_batch_loss(micro)
+                self.precision.backward(micro_loss / len(micro_batches))
+            loss += micro_loss.detach() / len(micro_batches)
+            example_losses.append(losses)
+        if isinstance(self.timesteps, ImportanceTimesteps):     # every rank records the whole global batch
+            self.timesteps.update(self.dist.gather(local.t.to(self.device)).cpu(),
+                                  self.dist.gather(torch.cat(example_losses)).cpu())
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.precision.step(self.optimizer, self.net, t.grad_clip)
