@@ -7,7 +7,10 @@ eps model of an 8-component ring mixture (``difflab.references``), on the same l
   every spacing (karras, logsnr, uniform, leading, trailing) over the schedule's whole sigma range, through
   ``SigmaDenoiser``; ``ancestral`` on the uniformly respaced chain. Two more rows, marked "tuned here", stop
   the karras / logsnr grids of ``dpmpp-2m`` at sigma_min = 0.05 (a bigger final denoising step), a value
-  picked by looking at this benchmark's results at 10 NFE.
+  picked by looking at this benchmark's results at 10 NFE. The score-based ``langevin`` and ``pc`` call the
+  model several times per noise level: with one Langevin step per level (``langevin_steps`` = 1, Song et al.
+  2021's PC setting) and their default ``step_size`` / ``snr``, they get as many levels as fit the budget
+  (langevin: NFE = levels + 1, pc: NFE = 2 levels).
 - diffusers: ``DDPMScheduler``, ``DDIMScheduler``, ``EulerDiscreteScheduler``, ``HeunDiscreteScheduler``,
   ``DPMSolverMultistepScheduler``, ``UniPCMultistepScheduler`` with ``trained_betas`` = the same betas,
   each with its default configuration, with ``timestep_spacing="trailing"`` and, where available,
@@ -58,16 +61,26 @@ PROJECTIONS = 128
 TUNED_SIGMA_MIN = 0.05          # picked by looking at this benchmark's 10-NFE results: reported as "tuned here"
 DIFFUSERS_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
                         "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+SCORE_SAMPLERS = ("langevin", "pc")
+SCORE_LANGEVIN_STEPS = 1        # Langevin steps per noise level in their rows
 
 
 def steps_for(nfe: int, heun: bool) -> int:
     return (nfe + 1) // 2 if heun else nfe
 
 
+def levels_for(name: str, nfe: int) -> int:
+    """Noise levels of langevin (NFE = levels * T + 1) or pc (NFE = levels * (T + 1)) within ``nfe``."""
+    per_level = SCORE_LANGEVIN_STEPS + (name == "pc")
+    return max(1, (nfe - (name == "langevin")) // per_level)
+
+
 def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list[int],
                 sigma_min: float | None = None):
     schedule = net.schedule
-    steps = steps_for(nfe, name == "heun")
+    steps, options = steps_for(nfe, name == "heun"), {}
+    if name in SCORE_SAMPLERS:
+        steps, options = levels_for(name, nfe), {"langevin_steps": SCORE_LANGEVIN_STEPS}
     noise = PerSampleNoise(seeds)
     if name == "ancestral":
         model = CountingModel(Denoiser(net, schedule))
@@ -78,7 +91,7 @@ def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list
         model = CountingModel(SigmaDenoiser(Denoiser(net, schedule)))
         sigmas = build_sigmas(schedule, steps, spacing, sigma_min=sigma_min)
         x = noise.randn((2,)) * prior_std(sigmas)
-        out = SAMPLERS[name](model, x, sigmas, noise)
+        out = SAMPLERS[name](model, x, sigmas, noise, **options)
     return out, model.nfe
 
 
@@ -137,7 +150,10 @@ def main() -> None:
     jobs = [("difflab", "ancestral", "uniform", lambda nfe: difflab_run("ancestral", "", nfe, net, seeds))]
     jobs += [("difflab", name, spacing, lambda nfe, name=name, spacing=spacing:
               difflab_run(name, spacing, nfe, net, seeds))
-             for name in SAMPLERS if name != "ancestral" for spacing in SPACINGS]
+             for name in SAMPLERS if name not in ("ancestral", *SCORE_SAMPLERS) for spacing in SPACINGS]
+    jobs += [("difflab", name, f"{spacing}, langevin_steps {SCORE_LANGEVIN_STEPS}", lambda nfe, name=name,
+              spacing=spacing: difflab_run(name, spacing, nfe, net, seeds))
+             for name in SCORE_SAMPLERS for spacing in SPACINGS]
     jobs += [("difflab", "dpmpp-2m", f"{spacing}, sigma_min {TUNED_SIGMA_MIN} (tuned here)",
               lambda nfe, spacing=spacing: difflab_run("dpmpp-2m", spacing, nfe, net, seeds, TUNED_SIGMA_MIN))
              for spacing in ("karras", "logsnr")]

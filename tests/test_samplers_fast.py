@@ -148,7 +148,8 @@ def test_slerp():
 # -- network evaluations and randomness ---------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_network_evaluations(steps):
-    expected = {"ddim": steps, "euler": steps, "heun": 2 * steps - 1, "dpmpp-2m": steps, "euler-ancestral": steps}
+    expected = {"ddim": steps, "euler": steps, "heun": 2 * steps - 1, "dpmpp-2m": steps, "euler-ancestral": steps,
+                "langevin": 10 * steps + 1, "pc": 2 * steps}       # their defaults: 10 and 1 Langevin steps per level
     for name in SIGMA_SAMPLERS:
         assert run(SAMPLERS[name], steps, n=4)[1] == expected[name], name
     assert run(sample_heun, steps, n=4, s_churn=5.0)[1] == 2 * steps - 1
@@ -252,7 +253,7 @@ def test_sampling_a_diffusers_unet_matches_diffusers_ddim():
 def test_pipeline_samples_by_name(name):
     config = Config(data=DataConfig(dataset="toy"))
     options = SampleConfig(sampler=name, steps=50 if name != "euler-ancestral" else 100, spacing="logsnr",
-                           sigma_min=0.02, batch_size=700)
+                           sigma_min=0.02, batch_size=700, step_size=4e-4)   # langevin: epsilon for sigma_L = 0.02
     samples = sample(EXACT, config, 1000, options).double()
     assert samples.shape == (1000, 2)
     assert sliced_wasserstein(samples, REFERENCE) < 0.06

@@ -3,7 +3,9 @@
 - ``sample_ancestral(denoiser, x_T, schedule, noise, y=None, ...)``: DDPM's chain on a discrete schedule;
 - the sigma-space samplers, all ``sample_X(model, x, sigmas, noise, y=None, ...) -> x_0`` with
   ``model(x, sigma, y)`` = D(x; sigma) (``difflab.denoiser.SigmaDenoiser``), x VE-scaled at sigmas[0], and
-  sigmas from ``sigmas.build_sigmas`` (decreasing, ending in 0).
+  sigmas from ``sigmas.build_sigmas`` (decreasing, ending in 0). Among them the score-based ``sample_langevin``
+  (annealed Langevin dynamics) and ``sample_pc`` (predictor-corrector), which call the network several
+  times per noise level.
 
 ``SAMPLERS`` maps the names of ``SampleConfig.sampler`` to them, ``SAMPLER_OPTIONS`` names the keyword
 arguments (also ``SampleConfig`` fields) each one takes beyond the common ones.
@@ -14,6 +16,7 @@ from difflab.samplers.ddim import ddim_invert, sample_ddim, sample_euler_ancestr
 from difflab.samplers.dpm_solver import sample_dpmpp_2m
 from difflab.samplers.generate import generate
 from difflab.samplers.karras import sample_euler, sample_heun
+from difflab.samplers.langevin import sample_langevin, sample_pc
 from difflab.samplers.nfe import CountingModel
 from difflab.samplers.noise import PerSampleNoise
 from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std
@@ -25,6 +28,8 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp-2m": sample_dpmpp_2m,
     "euler-ancestral": sample_euler_ancestral,
+    "langevin": sample_langevin,
+    "pc": sample_pc,
 }
 DISCRETE_SAMPLERS = ("ancestral",)          # take (Denoiser, x_T, NoiseSchedule); the others work in sigma space
 
@@ -36,9 +41,11 @@ SAMPLER_OPTIONS = {
     "heun": _CHURN,
     "dpmpp-2m": (),
     "euler-ancestral": ("eta",),
+    "langevin": ("langevin_steps", "step_size"),
+    "pc": ("langevin_steps", "snr"),
 }
 
 __all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
            "build_sigmas", "ddim_invert", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
            "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
-           "sample_heun", "slerp"]
+           "sample_heun", "sample_langevin", "sample_pc", "slerp"]
