@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -75,11 +76,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> 
     optimizer.load_state_dict({"state": state, "param_groups": checkpoint.state["param_groups"]})
 
 
-def save_checkpoint(path: str | Path, config: Config, state: dict, model: torch.nn.Module,
+def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: torch.nn.Module,
                     ema_model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    train_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """``train_tensors``: other training state (e.g. the timestep sampler's loss history), saved under
+                    train_tensors: dict[str, torch.Tensor] | None = None, file_format: str = FORMAT) -> Path:
+    """``config``: the experiment (a ``Config``, or another experiment dataclass such as a classifier's).
+    ``file_format``: the metadata's format tag, which readers check. ``train_tensors``: other training state (e.g. the timestep sampler's loss history), saved under
     ``train.`` (read back with ``Checkpoint.section("train")``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def save_checkpoint(path: str | Path, config: Config, state: dict, model: torch.
         optim_tensors, state["param_groups"] = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
     config_json = json.dumps(to_dict(config), indent=1)
-    metadata = {"format": FORMAT, "config": config_json, "state": json.dumps(state)}
+    metadata = {"format": file_format, "config": config_json, "state": json.dumps(state)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write(path.with_name("config.json"), lambda tmp: tmp.write_text(config_json + "\n"))
     return path

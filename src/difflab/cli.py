@@ -54,8 +54,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     labels = None
     if args.class_label is not None:
         classes = loaded.denoiser.net.config.num_classes
+        if not classes and options.classifier:                     # classifier guidance of an unconditional model
+            from difflab.train.classifier import load_noisy_classifier
+            classes = load_noisy_classifier(options.classifier)[0].config.num_classes
         if not classes:
-            raise DifflabError(f"--class: {loaded.path} is not class-conditional")
+            raise DifflabError(f"--class: {loaded.path} is not class-conditional (and no --classifier is given)")
         if not 0 <= args.class_label < classes:
             raise DifflabError(f"--class {args.class_label}: must be in [0, {classes - 1}]")
         labels = torch.full((args.n,), args.class_label, dtype=torch.long)
@@ -64,6 +67,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     samples = sample(loaded.denoiser, loaded.config, args.n, options, labels, args.device, progress=True)
     for path in save_samples(samples, args.out, args.name, labels):
         print(path)
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.train.classifier import train_classifier_from_yaml
+
+    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet)
+    print(f"trained the noise-aware classifier to step {result.step} (stopped by {result.stopped_by}); "
+          f"test accuracy by timestep {json.dumps(result.accuracy)}; {result.checkpoint}")
     return 0
 
 
@@ -102,7 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size", "guidance",
-                    "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr")
+                    "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr", "classifier",
+                    "classifier_scale")
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
@@ -130,6 +143,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance weight w (diffusers' guidance_scale = 1 + w)")
+    parser.add_argument("--classifier", default=None, metavar="CKPT",
+                        help="noise-aware classifier (difflab train-classifier) for classifier guidance")
+    parser.add_argument("--classifier-scale", type=float, default=None,
+                        help="classifier guidance gradient scale s (Dhariwal & Nichol 2021)")
     parser.add_argument("--threshold", choices=sorted(THRESHOLDS), default=None,
                         help="x0 thresholding: static clip to [-1, 1], dynamic (p = 0.995), or none")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
@@ -153,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the run's checkpoint (or the one given); fails if missing")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    train_classifier = sub.add_parser("train-classifier",
+                                      help="train a noise-aware classifier p(y | x_t, t) for classifier guidance")
+    train_classifier.add_argument("config", type=Path, help="experiment YAML (configs/fmnist_noisy_classifier.yaml)")
+    train_classifier.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                                  help="override a config value (repeatable)")
+    train_classifier.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_classifier.set_defaults(func=cmd_train_classifier)
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint")
     sample.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")

@@ -103,6 +103,8 @@ class SampleConfig:
     snr: float = 0.16                   # pc: signal-to-noise ratio r of the corrector (Song et al. 2021, Alg. 5)
     guidance: float = 0.0               # classifier-free guidance weight w (guidance_scale = 1 + w elsewhere)
     dynamic_threshold: float | None = None   # percentile p of Saharia et al. 2022 (replaces clip_x0 when set)
+    classifier: str | None = None       # noise-aware classifier file for classifier guidance (difflab train-classifier)
+    classifier_scale: float = 0.0       # its gradient scale s (Dhariwal & Nichol 2021, Alg. 1 and 2)
 
 
 @dataclass
@@ -190,7 +192,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """An experiment of dataclass ``cls`` (``Config``, or e.g. a classifier experiment) from a YAML file
+    plus ``key=value`` overrides."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -204,7 +208,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise DifflabError(f"{path}: expected a mapping of config sections at the top level")
     values = apply_overrides(values, overrides or [])
     try:
-        return from_dict(Config, values)
+        return from_dict(cls, values)
     except DifflabError as e:
         raise DifflabError(f"{path}: {e}" if path else str(e)) from None
 

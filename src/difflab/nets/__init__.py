@@ -1,6 +1,7 @@
 """Networks only: they map (x, t, y) to an output and know nothing of diffusion."""
 
 from difflab.nets.mlp import MLP, MLPConfig
-from difflab.nets.unet import UNet, UNetConfig
+from difflab.nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
+from difflab.nets.unet import UNet, UNetConfig, UNetEncoder
 
-__all__ = ["MLP", "MLPConfig", "UNet", "UNetConfig"]
+__all__ = ["MLP", "MLPConfig", "NoisyClassifier", "NoisyClassifierConfig", "UNet", "UNetConfig", "UNetEncoder"]

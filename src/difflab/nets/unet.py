@@ -4,6 +4,9 @@ Residual blocks take the timestep (and class) embedding through adaptive group n
 GroupNorm(h) * (1 + scale) + shift; self-attention at chosen resolutions; the layers that end a residual
 branch and the output layer start at zero, so an untrained network outputs zero and every block starts
 as the identity. The network knows nothing of diffusion: it maps (x, t, y) to an image-shaped tensor.
+
+``UNetEncoder`` is the down half (embedding, input conv, down stages, middle block); ``UNet`` adds the
+decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier`` an attention pool.
 """
 
 from __future__ import annotations
@@ -119,46 +122,92 @@ class Stage(nn.Sequential):
         return x
 
 
-class UNet(nn.Module):
+class UNetEncoder(nn.Module):
+    """The U-Net's down half: timestep (and label) embedding, input conv, down stages and middle block.
+
+    Built once, here, for both the U-Net (which adds the decoder) and the noise-aware classifier of
+    ``difflab.nets.noisy_classifier`` (which adds attention pooling, ADM's ``EncoderUNetModel``).
+    Subclasses inherit its modules as attributes, so the U-Net's state_dict keys are those of one class.
+    ``config.out_channels`` is not used here; ``config.num_classes`` adds a label embedding.
+    """
+
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = c = config
+        self.config = self.encoder_config = c = config     # a subclass may replace ``config`` with its own
         self.gradient_checkpointing = False   # in training, recompute each stage's activations in backward
         ch = c.model_channels
-        emb_dim = 4 * ch
+        self.emb_dim = emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
-        def stage(in_ch: int, out_ch: int, resolution: int) -> Stage:
-            blocks = [ResBlock(in_ch, out_ch, emb_dim, c.dropout, c.groups)]
-            if resolution in c.attention_resolutions:
-                blocks.append(AttentionBlock(out_ch, c.num_heads, c.groups))
-            return Stage(*blocks)
-
-        # Encoder: num_res_blocks stages per level, then a downsample; remember every output for the skips.
+        # num_res_blocks stages per level, then a downsample; remember every output's channels for the skips.
         self.down = nn.ModuleList()
-        skip_channels = [ch]
+        self.skip_channels = [ch]
         level_ch, resolution = ch, c.image_size
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                self.down.append(stage(level_ch, mult * ch, resolution))
+                self.down.append(self.stage(level_ch, mult * ch, resolution))
                 level_ch = mult * ch
-                skip_channels.append(level_ch)
+                self.skip_channels.append(level_ch)
             if level != len(c.channel_mult) - 1:
                 self.down.append(Stage(Downsample(level_ch)))
-                skip_channels.append(level_ch)
+                self.skip_channels.append(level_ch)
                 resolution //= 2
+        self.encoder_channels, self.encoder_resolution = level_ch, resolution
 
         self.middle = Stage(ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups),
                             AttentionBlock(level_ch, c.num_heads, c.groups),
                             ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups))
 
+    def stage(self, in_ch: int, out_ch: int, resolution: int) -> Stage:
+        """A residual block, followed by self-attention when ``resolution`` is one of the attention ones."""
+        c = self.encoder_config
+        blocks = [ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups)]
+        if resolution in c.attention_resolutions:
+            blocks.append(AttentionBlock(out_ch, c.num_heads, c.groups))
+        return Stage(*blocks)
+
+    def embed(self, t: torch.Tensor, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Timestep embedding, plus the label's when class-conditional (no label: the null label)."""
+        emb = self.time_embed(timestep_embedding(t, self.encoder_config.model_channels))   # (B, 4ch)
+        if self.label_embed is not None:
+            if y is None:
+                y = torch.full((batch,), self.encoder_config.num_classes, dtype=torch.long, device=device)
+            emb = emb + self.label_embed(y)
+        return emb
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """(h, emb, skips): the middle block's output (B, C, H/2^L, W/2^L), the embedding (B, 4ch) and the
+        input conv's and every down stage's outputs (the U-Net's skip connections)."""
+        emb = self.embed(t, y, x.shape[0], x.device)
+        h = self.input_conv(x)                                                       # (B, ch, H, W)
+        skips = [h]
+        for stage in self.down:
+            h = self.run_stage(stage, h, emb)
+            skips.append(h)
+        return self.run_stage(self.middle, h, emb), emb, skips
+
+    def run_stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """``stage(h, emb)``; with gradient checkpointing its activations are recomputed in the backward
+        pass instead of kept (Chen et al. 2016), with the same dropout masks (the RNG state is replayed)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, h, emb, use_reentrant=False)
+        return stage(h, emb)
+
+
+class UNet(UNetEncoder):
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        c = config
+        ch, level_ch, resolution = c.model_channels, self.encoder_channels, self.encoder_resolution
+        skip_channels = list(self.skip_channels)
+
         # Decoder: num_res_blocks + 1 stages per level, each concatenating one skip; upsample between levels.
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
-                blocks = stage(level_ch + skip_channels.pop(), mult * ch, resolution)
+                blocks = self.stage(level_ch + skip_channels.pop(), mult * ch, resolution)
                 level_ch = mult * ch
                 if level != 0 and i == c.num_res_blocks:
                     blocks.append(Upsample(level_ch))
@@ -169,24 +218,7 @@ class UNet(nn.Module):
         self.out_conv = zero_init(nn.Conv2d(level_ch, c.out_channels or c.in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels))   # (B, 4ch)
-        if self.label_embed is not None:
-            if y is None:
-                y = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.label_embed(y)
-        h = self.input_conv(x)                                                       # (B, ch, H, W)
-        skips = [h]
-        for stage in self.down:
-            h = self.run_stage(stage, h, emb)
-            skips.append(h)
-        h = self.run_stage(self.middle, h, emb)                                      # (B, C, H/2^L, W/2^L)
+        h, emb, skips = self.encode(x, t, y)                                         # (B, C, H/2^L, W/2^L)
         for stage in self.up:
             h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)
-
-    def run_stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``stage(h, emb)``; with gradient checkpointing its activations are recomputed in the backward
-        pass instead of kept (Chen et al. 2016), with the same dropout masks (the RNG state is replayed)."""
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(stage, h, emb, use_reentrant=False)
-        return stage(h, emb)
