@@ -44,11 +44,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
-from difflab.denoiser import Denoiser, SigmaDenoiser, t_to_sigma  # noqa: E402
+from difflab.denoiser import Denoiser, SigmaDenoiser  # noqa: E402
 from difflab.metrics import sliced_wasserstein  # noqa: E402
 from difflab.references import ExactEpsNet, GaussianMixture  # noqa: E402
 from difflab.samplers import (SAMPLERS, SPACINGS, CountingModel, PerSampleNoise, build_sigmas,  # noqa: E402
-                              prior_std, sample_ancestral)
+                              prior_std, sample_ancestral, steps_for_nfe)
 from difflab.schedules import NoiseSchedule, space_timesteps  # noqa: E402
 
 try:
@@ -65,22 +65,11 @@ SCORE_SAMPLERS = ("langevin", "pc")
 SCORE_LANGEVIN_STEPS = 1        # Langevin steps per noise level in their rows
 
 
-def steps_for(nfe: int, heun: bool) -> int:
-    return (nfe + 1) // 2 if heun else nfe
-
-
-def levels_for(name: str, nfe: int) -> int:
-    """Noise levels of langevin (NFE = levels * T + 1) or pc (NFE = levels * (T + 1)) within ``nfe``."""
-    per_level = SCORE_LANGEVIN_STEPS + (name == "pc")
-    return max(1, (nfe - (name == "langevin")) // per_level)
-
-
 def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list[int],
                 sigma_min: float | None = None):
     schedule = net.schedule
-    steps, options = steps_for(nfe, name == "heun"), {}
-    if name in SCORE_SAMPLERS:
-        steps, options = levels_for(name, nfe), {"langevin_steps": SCORE_LANGEVIN_STEPS}
+    steps = steps_for_nfe(name, nfe, SCORE_LANGEVIN_STEPS)
+    options = {"langevin_steps": SCORE_LANGEVIN_STEPS} if name in SCORE_SAMPLERS else {}
     noise = PerSampleNoise(seeds)
     if name == "ancestral":
         model = CountingModel(Denoiser(net, schedule))
@@ -98,7 +87,7 @@ def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list
 def diffusers_run(cls_name: str, options: dict, nfe: int, net: ExactEpsNet, seeds: list[int]):
     cls = getattr(diffusers, cls_name)
     scheduler = cls(num_train_timesteps=len(net.schedule), trained_betas=net.schedule.betas.tolist(), **options)
-    scheduler.set_timesteps(steps_for(nfe, cls_name == "HeunDiscreteScheduler"))
+    scheduler.set_timesteps(steps_for_nfe("heun" if cls_name == "HeunDiscreteScheduler" else cls_name, nfe))
     x = PerSampleNoise(seeds).randn((2,)) * scheduler.init_noise_sigma
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generators = [torch.Generator().manual_seed(10**6 + s) for s in seeds]

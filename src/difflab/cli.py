@@ -70,6 +70,37 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    """Rows of DDIM decodings of slerped latents: between random latents, or between test images' inversions."""
+    import torch
+
+    from difflab.build import build_data
+    from difflab.data import to_uint8_images
+    from difflab.imageio import save_grid
+    from difflab.pipelines.ddpm import load_model
+    from difflab.pipelines.interpolate import decode, interpolate, invert, random_latents
+
+    loaded = load_model(args.checkpoint, args.weights, "cpu")
+    config, denoiser = loaded.config, loaded.denoiser
+    if config.data.dataset == "toy" or config.data.conditional:
+        raise DifflabError(f"interpolate: needs an unconditional image model, {loaded.path} is not one")
+    count = 2 * args.pairs
+    if args.test_images:
+        data = build_data(config.data, split="test")
+        images, _ = data.batch(torch.arange(args.seed, args.seed + count) % len(data))
+        latents = invert(denoiser, config, images, args.steps)
+        error = (decode(denoiser, config, latents, args.steps) - images).pow(2).mean().sqrt().item()
+        print(f"DDIM inversion of {count} test images with {args.steps} steps: reconstruction RMSE {error:.4f} "
+              f"(pixel range [-1, 1])", file=sys.stderr)
+    else:
+        latents = random_latents(config, range(args.seed, args.seed + count))
+    frames = decode(denoiser, config, interpolate(latents[0::2], latents[1::2], args.frames), args.steps,
+                    clip_x0=True)
+    path = save_grid(to_uint8_images(frames), Path(args.out) / f"{args.name}.png", columns=args.frames, scale=2)
+    print(path)
+    return 0
+
+
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from difflab.train.classifier import train_classifier_from_yaml
 
@@ -187,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(sample)
     sample.add_argument("--class", dest="class_label", type=int, default=None, help="class label to sample")
     sample.set_defaults(func=cmd_sample)
+
+    interp = sub.add_parser("interpolate", help="DDIM interpolation between latents or inverted test images")
+    interp.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+    interp.add_argument("--pairs", type=int, default=4, help="rows: pairs of end points")
+    interp.add_argument("--frames", type=int, default=8, help="columns: images per row, end points included")
+    interp.add_argument("--steps", type=int, default=50, help="DDIM steps for inversion and decoding")
+    interp.add_argument("--seed", type=int, default=0, help="first latent seed, or first test image index")
+    interp.add_argument("--test-images", action="store_true",
+                        help="interpolate between DDIM inversions of test images instead of random latents")
+    interp.add_argument("--weights", choices=("ema", "model"), default="ema")
+    interp.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
+    interp.add_argument("--name", default="interpolation", help="file name stem of the .png")
+    interp.set_defaults(func=cmd_interpolate)
 
     info = sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", type=Path)

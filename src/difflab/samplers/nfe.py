@@ -16,3 +16,16 @@ class CountingModel:
     def __call__(self, *args, **kwargs):
         self.nfe += 1
         return self.model(*args, **kwargs)
+
+
+def steps_for_nfe(sampler: str, nfe: int, langevin_steps: int = 1) -> int:
+    """The ``steps`` (noise levels) that give ``sampler`` at most ``nfe`` network evaluations: Heun takes
+    2N - 1 for N steps, annealed Langevin L T + 1 for L levels of T steps, predictor-corrector L (T + 1),
+    every other sampler one per step."""
+    if sampler == "heun":
+        return max(1, (nfe + 1) // 2)
+    if sampler == "langevin":
+        return max(1, (nfe - 1) // langevin_steps)
+    if sampler == "pc":
+        return max(1, nfe // (langevin_steps + 1))
+    return max(1, nfe)
