@@ -106,3 +106,20 @@ def test_guidance_needs_a_conditional_model():
     denoiser = Denoiser(MLP(MLPConfig(dim=2, hidden=8, depth=1)), SCHEDULE)
     with pytest.raises(DifflabError, match="class-conditional"):
         sample(denoiser, config, 4, SampleConfig(steps=5, guidance=2.0))
+
+
+def test_learned_variance_channels_are_not_guided_or_thresholded():
+    """A learned-variance net's second half (the variance interpolation) passes through from the conditional
+    prediction (GLIDE); only the first half is guided and thresholded."""
+    torch.manual_seed(1)
+    mean_net, var_net = random_mlp(), random_mlp()
+    net = lambda x, t, y=None: torch.cat([mean_net(x, t, y), var_net(x, t, y)], dim=1)   # noqa: E731
+    x, t, y = torch.randn(4, 2), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
+    null = torch.full_like(y, 3)
+    guided = ClassifierFreeGuidance(net, 2.0, null_label=3, mean_channels=2)(x, t, y)
+    torch.testing.assert_close(guided[:, :2], 3 * mean_net(x, t, y) - 2 * mean_net(x, t, null))
+    torch.testing.assert_close(guided[:, 2:], var_net(x, t, y))
+    thresholded = ThresholdedNet(net, SCHEDULE, "eps", static_threshold)(x, t, y)
+    torch.testing.assert_close(thresholded[:, 2:], var_net(x, t, y))
+    plain = ThresholdedNet(mean_net, SCHEDULE, "eps", static_threshold)(x, t, y)
+    torch.testing.assert_close(thresholded[:, :2], plain)
