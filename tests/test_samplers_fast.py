@@ -148,7 +148,8 @@ def test_slerp():
 # -- network evaluations and randomness ---------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_network_evaluations(steps):
-    expected = {"ddim": steps, "euler": steps, "heun": 2 * steps - 1, "dpmpp-2m": steps, "euler-ancestral": steps,
+    expected = {"ddim": steps, "euler": steps, "heun": 2 * steps - 1, "dpmpp-2m": steps, "unipc": steps,
+                "euler-ancestral": steps,
                 "langevin": 10 * steps + 1, "pc": 2 * steps}       # their defaults: 10 and 1 Langevin steps per level
     for name in SIGMA_SAMPLERS:
         assert run(SAMPLERS[name], steps, n=4)[1] == expected[name], name
@@ -257,3 +258,23 @@ def test_pipeline_samples_by_name(name):
     samples = sample(EXACT, config, 1000, options).double()
     assert samples.shape == (1000, 2)
     assert sliced_wasserstein(samples, REFERENCE) < 0.06
+
+
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_unipc_matches_diffusers_unipc_with_the_exact_model(steps):
+    """UniP-2 + UniC (bh2, data prediction) step for step as diffusers' UniPCMultistepScheduler (trailing)."""
+    diffusers = pytest.importorskip("diffusers")
+    scheduler = diffusers.UniPCMultistepScheduler(num_train_timesteps=1000, trained_betas=SCHEDULE.betas.numpy(),
+                                                  timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    net = ExactEpsNet(MIXTURE, SCHEDULE)
+    x_t = PerSampleNoise(range(64)).randn((2,), torch.float64)
+    x = x_t * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(net(x, t.expand(64)), t, x).prev_sample
+    sigmas = build_sigmas(SCHEDULE, steps, "trailing")
+    ours = SAMPLERS["unipc"](MODEL, x_t * prior_std(sigmas), sigmas, PerSampleNoise(range(64)))
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=0)
+    plain = SAMPLERS["dpmpp-2m"](MODEL, x_t * prior_std(sigmas), sigmas, PerSampleNoise(range(64)))
+    assert (plain - x).abs().max() > 1e-3                                   # the corrector changes the result

@@ -18,6 +18,7 @@ from difflab.samplers.generate import generate
 from difflab.samplers.karras import sample_euler, sample_heun
 from difflab.samplers.langevin import sample_langevin, sample_pc
 from difflab.samplers.nfe import CountingModel, steps_for_nfe
+from difflab.samplers.unipc import sample_unipc
 from difflab.samplers.noise import PerSampleNoise
 from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std
 
@@ -27,6 +28,7 @@ SAMPLERS = {
     "euler": sample_euler,
     "heun": sample_heun,
     "dpmpp-2m": sample_dpmpp_2m,
+    "unipc": sample_unipc,
     "euler-ancestral": sample_euler_ancestral,
     "langevin": sample_langevin,
     "pc": sample_pc,
@@ -40,6 +42,7 @@ SAMPLER_OPTIONS = {
     "euler": _CHURN,
     "heun": _CHURN,
     "dpmpp-2m": (),
+    "unipc": (),
     "euler-ancestral": ("eta",),
     "langevin": ("langevin_steps", "step_size"),
     "pc": ("langevin_steps", "snr"),
@@ -48,4 +51,4 @@ SAMPLER_OPTIONS = {
 __all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
            "build_sigmas", "ddim_invert", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
            "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
-           "sample_heun", "sample_langevin", "sample_pc", "slerp", "steps_for_nfe"]
+           "sample_heun", "sample_langevin", "sample_pc", "sample_unipc", "slerp", "steps_for_nfe"]

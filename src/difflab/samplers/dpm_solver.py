@@ -18,6 +18,18 @@ import torch
 from difflab.samplers.noise import PerSampleNoise
 
 
+def dpmpp_2m_step(x: torch.Tensor, sigma: float, sigma_next: float, x0: torch.Tensor,
+                  x0_prev: torch.Tensor | None, h_prev: float | None) -> tuple[torch.Tensor, float]:
+    """One step of Alg. 2 from sigma to sigma_next > 0 with D_i = x0 (and D_{i-1} = x0_prev from the step
+    of length h_prev before, if any); returns (x', h)."""
+    h = math.log(sigma / sigma_next)                                            # lambda_{t_i} - lambda_{t_{i-1}}
+    d = x0
+    if x0_prev is not None:                                                     # Alg. 2, D_i with r_i = h_{i-1} / h_i
+        r = h_prev / h
+        d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+    return (sigma_next / sigma) * x - math.expm1(-h) * d, h
+
+
 @torch.no_grad()
 def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
                     y: torch.Tensor | None = None,
@@ -30,13 +42,7 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, nois
         if sigma_next == 0:
             x = x0
         else:
-            h = math.log(sigma / sigma_next)                                    # lambda_{t_i} - lambda_{t_{i-1}}
-            d = x0
-            if x0_prev is not None:                                             # Alg. 2, D_i with r_i = h_{i-1} / h_i
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-            x = (sigma_next / sigma) * x - math.expm1(-h) * d
-            h_prev = h
+            x, h_prev = dpmpp_2m_step(x, sigma, sigma_next, x0, x0_prev, h_prev)
         x0_prev = x0
         if callback is not None:
             callback(i, x)
