@@ -18,3 +18,12 @@ def image_folder(tmp_path):
         size = (12 + i, 10 + 2 * i)
         Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(folder / f"img{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny 2-D batches: one thread is several times faster than two on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ MODEL = SigmaDenoiser(Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), SCHEDULE, "eps"))
 N = 2000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny 2-D batches: one thread is several times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny 2-D batches (conftest.py)
 
 
 def half_score(x, sigma, y=None):

@@ -26,13 +26,7 @@ TRUE_LOGLIK = MIXTURE.log_prob(MIXTURE.sample(200_000, torch.Generator().manual_
 SIGMA_SAMPLERS = [name for name in SAMPLERS if name != "ancestral"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny 2-D batches: one thread is several times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny 2-D batches (conftest.py)
 
 
 EXACT = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), SCHEDULE, "eps")
