@@ -38,7 +38,8 @@ from difflab.pipelines.ddpm import load_model, sample  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, balanced_labels, score_images  # noqa: E402
 
 CFG_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
+SATURATION_WEIGHTS = (8.0,)
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
@@ -78,9 +79,9 @@ def run_part(args: argparse.Namespace) -> None:
     elif args.part == "classifier":
         settings = {f"s={s:g}": {"classifier": str(args.classifier), "classifier_scale": s}
                     for s in CLASSIFIER_SCALES}
-    else:
-        settings = {f"w={w:g}, {name}": {"guidance": w, **threshold}
-                    for w in (0.0, 4.0, 8.0) for name, threshold in THRESHOLDS.items()}
+    else:                      # static thresholding is the cfg part's default: its rows serve for "static"
+        settings = {f"w={w:g}, {name}": {"guidance": w, **THRESHOLDS[name]}
+                    for w in SATURATION_WEIGHTS for name in ("none", "dynamic")}
     for name, overrides in settings.items():
         if name in done["rows"]:
             continue
@@ -109,8 +110,13 @@ def report() -> None:
                         + markdown_table(["setting", "FID", "precision", "recall", "class accuracy"], rows))
     if "saturation" in parts:
         data = parts["saturation"]
+        settings = dict(data["rows"])
+        for w in SATURATION_WEIGHTS:
+            static = parts.get("cfg", {}).get("rows", {}).get(f"w={w:g}")
+            if static:
+                settings[f"w={w:g}, static"] = static
         rows = [[name, f"{100 * r['overflow']:.2f}%", f"{100 * r['at_ends']:.1f}%", f"{r['fid']:.2f}",
-                 f"{r['class_accuracy']:.3f}"] for name, r in data["rows"].items()]
+                 f"{r['class_accuracy']:.3f}"] for name, r in sorted(settings.items())]
         rows.append(["real test images", "0.00%", f"{100 * real['at_ends']:.1f}%", "–", "–"])
         sections.append(f"## Saturation and thresholding\n\n`{data['command']}` ({data['n']} samples)\n\n"
                         + markdown_table(["setting", "pixels beyond [-1, 1]", "pixels at 0 or 255", "FID",
