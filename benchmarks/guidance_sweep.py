@@ -38,7 +38,7 @@ from difflab.pipelines.ddpm import load_model, sample  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, balanced_labels, score_images  # noqa: E402
 
 CFG_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0)
+CLASSIFIER_SCALES = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 SATURATION_WEIGHTS = (8.0,)
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
