@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--spacing", default="logsnr")
     parser.add_argument("--langevin-steps", type=int, default=1)
     parser.add_argument("--step-size", type=float, default=None, help="langevin's epsilon")
+    parser.add_argument("--sigma-min", type=float, default=None,
+                        help="stop the karras/logsnr grid here before the final denoising step")
     args = parser.parse_args()
 
     loaded = load_model(args.model)
@@ -51,26 +53,30 @@ def main() -> None:
         if name not in SAMPLERS:
             parser.error(f"unknown sampler {name!r}")
         for nfe in args.nfe:
-            key = f"{name}/{nfe}"
+            label = name if args.sigma_min is None else f"{name} (sigma_min {args.sigma_min:g})"
+            key = f"{label}/{nfe}"
             if key in data["rows"]:
                 continue
             extra = {"langevin_steps": args.langevin_steps} if name in SCORE_SAMPLERS else {}
             if name == "langevin" and args.step_size is not None:
                 extra["step_size"] = args.step_size
             options = dataclasses.replace(loaded.config.sample, sampler=name, spacing=args.spacing,
+                                          sigma_min=args.sigma_min,
                                           steps=steps_for_nfe(name, nfe, args.langevin_steps), batch_size=250,
                                           **extra)
             start = time.perf_counter()
             images = to_uint8_images(sample(loaded.denoiser, loaded.config, args.n, options, progress=True))
             seconds = time.perf_counter() - start
             metrics = score_images(images, None, EvalOptions(n=args.n, progress=False))["metrics"]
-            data["rows"][key] = {"sampler": name, "nfe": nfe, "steps": options.steps, **extra,
+            data["rows"][key] = {"sampler": label, "nfe": nfe, "steps": options.steps, **extra,
                                  **{k: metrics[k] for k in ("fid", "kid", "precision", "recall")},
                                  "sampling_seconds": seconds}
             print(key, json.dumps(data["rows"][key]), file=sys.stderr)
             data.update(model=str(loaded.path), step=loaded.step, n=args.n, spacing=args.spacing,
                         command=command_line(), machine=machine_info())
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():                  # keep rows another run of this script wrote meanwhile
+                data["rows"] = {**json.loads(path.read_text())["rows"], **data["rows"]}
             path.write_text(json.dumps(data, indent=1))
     nfes = sorted({r["nfe"] for r in data["rows"].values()})
     samplers = list(dict.fromkeys(r["sampler"] for r in data["rows"].values()))
