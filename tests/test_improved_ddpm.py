@@ -12,12 +12,16 @@ import torch
 from torch import nn
 
 from difflab import diffusion
+from difflab.build import build_denoiser
+from difflab.config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
-from difflab.losses import build_loss, hybrid_loss, simple_loss, vlb_bits_per_dim, vlb_loss
+from difflab.losses import build_loss, hybrid_loss, simple_loss, vlb_loss
 from difflab.metrics.likelihood import vlb_terms
+from difflab.nets import UNetConfig
+from difflab.pipelines.ddpm import sample
 from difflab.references.gaussian_mixture import ExactEpsNet, GaussianMixture
-from difflab.samplers import PerSampleNoise, sample_ancestral
+from difflab.samplers import SAMPLERS, PerSampleNoise, sample_ancestral
 from difflab.schedules import NoiseSchedule, space_timesteps
 from difflab.train.timesteps import ImportanceTimesteps, UniformTimesteps
 from difflab.train.trainer import Trainer
@@ -191,3 +195,21 @@ def test_importance_sampled_vlb_training_resumes_bit_exactly(tmp_path, image_fol
     assert full.timesteps.warmed_up and torch.equal(full.timesteps.losses, second.timesteps.losses)
     assert not torch.allclose(full.timesteps.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
     assert full.net.out_conv.out_channels == 6                              # eps and v for 3 channels
+
+
+def test_a_learned_variance_model_samples_with_every_sampler_and_guidance():
+    """Every sampler of the pipeline takes a learned-variance network (the ODE/score samplers use its mean
+    channels), with classifier-free guidance and dynamic thresholding on top."""
+    config = Config(data=DataConfig(dataset="fashion_mnist", image_size=8, conditional=True),
+                    model=ModelConfig(unet=UNetConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                                                      attention_resolutions=(), groups=4)),
+                    diffusion=DiffusionConfig(schedule="cosine", timesteps=50, learn_variance=True))
+    torch.manual_seed(0)
+    denoiser = build_denoiser(config).eval()
+    for p in denoiser.net.out_conv.parameters():                      # non-zero eps and v outputs
+        torch.nn.init.normal_(p, std=0.05)
+    labels = torch.tensor([0, 1])
+    for name in SAMPLERS:
+        options = SampleConfig(sampler=name, steps=4, langevin_steps=1, guidance=1.0, dynamic_threshold=0.99)
+        out = sample(denoiser, config, 2, options, labels)
+        assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all(), name
