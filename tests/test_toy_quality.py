@@ -3,7 +3,6 @@ one does not. Closeness: sliced Wasserstein distance to held-out data, against t
 independent draws of the data (the floor)."""
 
 import pytest
-import torch
 
 from difflab.build import build_data
 from difflab.config import load_config

@@ -12,7 +12,7 @@ decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
