@@ -5,7 +5,9 @@ Each variant is the Fashion-MNIST preset (configs/fashion_mnist.yaml) at a third
 channels, multipliers 1-2-2: sampling 1000 steps for every variant has to fit a CPU budget) with its
 schedule and objective changed, trained for the same number of steps (same images seen), then:
 - test NLL in bits/dim through the full bound (``difflab.metrics.likelihood``) on the first ``--nll`` test
-  images, with its standard error (fixed-variance models: sigma^2 = beta and beta-tilde);
+  images, with its standard error (fixed-variance models: sigma^2 = beta and beta-tilde), with x0_hat clipped
+  to [-1, 1] as in the paper's ``image_nll.py`` (unclipped, the cosine schedule's last step, where beta is
+  clipped at 0.999 and 1 / sqrt(alpha-bar) ~ 2e4, turns eps errors into bits: +3 bits/dim here);
 - FID and KID (shipped classifier's features, Fashion-MNIST test set) of ``--n`` ancestral samples at each
   of ``--sample-steps`` respaced steps (``--n-full`` samples at the full T steps, to fit the CPU budget) (fixed-variance models with both fixed variances, except at the full
   T steps, where only beta is sampled: there the two give nearly the same samples, Ho et al. 2020, Sec. 4.3).
@@ -75,11 +77,12 @@ def evaluate(name: str, checkpoint: Path, n: int, n_full: int, nll: int, sample_
     variances = ("learned",) if loaded.config.diffusion.learn_variance else FIXED_VARIANCES
     options = EvalOptions(n=n, progress=False)
     for variance in variances:
-        if nll and f"{variance}/{nll}" not in record["nll"]:
+        if nll and f"{variance}/{nll}/clip" not in record["nll"]:
             x0, _ = load_fashion_mnist("test", image_size=loaded.config.data.image_size).batch(torch.arange(nll))
             start = time.perf_counter()
-            result = bits_per_dim(loaded.denoiser, x0, "beta" if variance == "learned" else variance, progress=True)
-            record["nll"][f"{variance}/{nll}"] = {"bits_per_dim": result.mean, "bits_per_dim_stderr": result.stderr,
+            result = bits_per_dim(loaded.denoiser, x0, "beta" if variance == "learned" else variance, clip_x0=True,
+                                  progress=True)
+            record["nll"][f"{variance}/{nll}/clip"] = {"bits_per_dim": result.mean, "bits_per_dim_stderr": result.stderr,
                                                    "per_image": result.per_image.tolist(),
                                                    "prior": result.prior, "decoder": result.decoder,
                                                    "seconds": time.perf_counter() - start}
@@ -106,10 +109,12 @@ def evaluate(name: str, checkpoint: Path, n: int, n_full: int, nll: int, sample_
 
 def report(results: dict, args: argparse.Namespace) -> str:
     steps = args.sample_steps
-    baseline = results.get("linear_simple", {}).get("nll", {}).get(f"beta/{args.nll}")
+    baseline = results.get("linear_simple", {}).get("nll", {}).get(f"beta/{args.nll}/clip")
     rows = []
     for name, record in results.items():
         for key, nll in record["nll"].items():
+            if not key.endswith("/clip"):          # earlier runs without x0 clipping, kept in the JSON only
+                continue
             variance = key.split("/")[0]
             paired = "–"
             if baseline is not None:
