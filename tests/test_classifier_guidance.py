@@ -1,6 +1,7 @@
 """Classifier guidance (Dhariwal & Nichol 2021): the eps correction against hand computations, Bayes' rule
 on the exact Gaussian mixture, the noise-aware classifier, and its training and files."""
 
+import dataclasses
 import gzip
 import json
 import math
@@ -24,8 +25,8 @@ from difflab.references import ExactEpsNet, GaussianMixture
 from difflab.samplers import generate, sample_ancestral
 from difflab.schedules import NoiseSchedule, space_timesteps
 from difflab.train.classifier import (ClassifierExperiment, ClassifierTrainConfig, evaluate_noisy_classifier,
-                                      load_classifier_experiment, load_noisy_classifier, save_noisy_classifier,
-                                      train_noisy_classifier)
+                                      load_classifier_experiment, load_noisy_classifier, read_noisy_classifier,
+                                      save_noisy_classifier, train_noisy_classifier)
 
 SCHEDULE = NoiseSchedule.from_name("cosine", 1000)
 
@@ -406,3 +407,23 @@ def test_pipeline_and_cli_guide_with_a_trained_classifier_file(fake_fashion_mnis
         sample(denoiser, config, 2, SampleConfig(steps=5, classifier=path, classifier_scale=1.0), labels)
     with pytest.raises(DifflabError, match="--classifier"):
         sample(denoiser, config, 2, SampleConfig(steps=5, classifier_scale=1.0), labels)
+
+
+def test_classifier_training_resumes_exactly(fake_fashion_mnist, tmp_path):
+    def experiment(out, steps, **train):
+        e = tiny_experiment(fake_fashion_mnist, out)
+        return dataclasses.replace(e, train=dataclasses.replace(e.train, steps=steps, eval_examples=0,
+                                                                checkpoint_every=1000, **train))
+
+    full = train_noisy_classifier(experiment(tmp_path / "full", 4), progress=False)
+    train_noisy_classifier(experiment(tmp_path / "split", 2), progress=False)
+    with pytest.raises(DifflabError, match="another configuration"):
+        train_noisy_classifier(experiment(tmp_path / "split", 4, lr=0.1), progress=False, resume=True)
+    split = train_noisy_classifier(experiment(tmp_path / "split", 4), progress=False, resume=True)
+    assert full.step == split.step == 4
+    a, b = read_noisy_classifier(full.checkpoint), read_noisy_classifier(split.checkpoint)
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    with pytest.raises(DifflabError, match="does not exist"):
+        train_noisy_classifier(experiment(tmp_path / "none", 4), progress=False, resume=True)

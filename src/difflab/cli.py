@@ -104,7 +104,7 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from difflab.train.classifier import train_classifier_from_yaml
 
-    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet)
+    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet, resume=args.resume)
     print(f"trained the noise-aware classifier to step {result.step} (stopped by {result.stopped_by}); "
           f"test accuracy by timestep {json.dumps(result.accuracy)}; {result.checkpoint}")
     return 0
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_classifier.add_argument("config", type=Path, help="experiment YAML (configs/fmnist_noisy_classifier.yaml)")
     train_classifier.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                                   help="override a config value (repeatable)")
+    train_classifier.add_argument("--resume", action="store_true",
+                                  help="continue exactly from the run's classifier file; fails if missing")
     train_classifier.add_argument("--quiet", action="store_true", help="no progress bar")
     train_classifier.set_defaults(func=cmd_train_classifier)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from difflab import diffusion
 from difflab.build import build_data, build_schedule
-from difflab.checkpoint import Checkpoint, load_weights, read_safetensors, save_checkpoint
+from difflab.checkpoint import Checkpoint, load_optimizer, load_weights, read_safetensors, save_checkpoint
 from difflab.config import DataConfig, DiffusionConfig, from_dict, load_config
 from difflab.data import InMemoryData
 from difflab.errors import DifflabError
@@ -170,8 +170,25 @@ def classifier_step(model: NoisyClassifier, optimizer: torch.optim.Optimizer, da
     return loss.item(), (logits.argmax(1) == y.to(device)).float().mean().item()
 
 
-def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = True) -> ClassifierTrainResult:
-    """Train from scratch as ``experiment`` says; writes metrics.jsonl and the classifier file to out_dir."""
+# Settings that may change when a run is resumed; any other difference is an error.
+RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "checkpoint_every", "eval_timesteps", "eval_examples",
+                     "device")
+
+
+def check_resumable(saved: ClassifierExperiment, current: ClassifierExperiment, path: Path) -> None:
+    keep = {name: getattr(current.train, name) for name in RESUMABLE_CHANGES}
+    same_data = dataclasses.replace(saved.data, path=current.data.path, download=current.data.download)
+    if (dataclasses.replace(saved, name=current.name, data=same_data, train=dataclasses.replace(saved.train, **keep))
+            != current):
+        raise DifflabError(f"--resume: {path} was trained with another configuration (only "
+                           f"{', '.join('train.' + n for n in RESUMABLE_CHANGES)} may change)")
+
+
+def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = True,
+                           resume: bool = False) -> ClassifierTrainResult:
+    """Train as ``experiment`` says, from scratch or (``resume``) from the out_dir's file, continuing exactly
+    (each step is a pure function of weights, optimiser state, seed and step); writes metrics.jsonl and the
+    classifier file to out_dir."""
     t = experiment.train
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)                                    # initial weights
@@ -183,6 +200,16 @@ def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = Tr
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     batches = EpochBatches(len(data), t.batch_size, t.seed)
     out_dir, path = Path(t.out_dir), Path(t.out_dir) / CLASSIFIER_NAME
+    step = 0
+    if resume:
+        if not path.exists():
+            raise DifflabError(f"--resume: {path} does not exist (refusing to start from scratch)")
+        checkpoint = read_noisy_classifier(path)
+        check_resumable(checkpoint.config, experiment, path)
+        load_weights(model, checkpoint, "model")
+        load_weights(ema.model, checkpoint, "ema")
+        load_optimizer(optimizer, checkpoint)
+        step = int(checkpoint.state["step"])
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def save(step: int, accuracy: dict | None = None) -> Path:
@@ -190,9 +217,9 @@ def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = Tr
         return save_noisy_classifier(path, experiment, state, model, ema.model, optimizer)
 
     start = window = time.perf_counter()
-    losses, step, stopped_by, last_loss = [], 0, "steps", math.nan
+    losses, stopped_by, last_loss = [], "steps", math.nan
     budget = f" (stops after {t.max_minutes:g} min)" if t.max_minutes is not None else ""
-    bar = tqdm(total=t.steps, desc=f"training classifier{budget}", unit="step", disable=not progress)
+    bar = tqdm(total=t.steps, initial=step, desc=f"training classifier{budget}", unit="step", disable=not progress)
     try:
         while step < t.steps:
             last_loss, batch_accuracy = classifier_step(model, optimizer, data, batches, schedule, t.seed, step, device)
@@ -231,6 +258,6 @@ def log(out_dir: Path, record: dict) -> None:
 
 
 def train_classifier_from_yaml(path: str | Path, overrides: list[str] | None = None,
-                               progress: bool = True) -> ClassifierTrainResult:
-    """What ``difflab train-classifier CONFIG.yaml [--set key=value ...]`` runs."""
-    return train_noisy_classifier(load_classifier_experiment(path, overrides), progress=progress)
+                               progress: bool = True, resume: bool = False) -> ClassifierTrainResult:
+    """What ``difflab train-classifier CONFIG.yaml [--set key=value ...] [--resume]`` runs."""
+    return train_noisy_classifier(load_classifier_experiment(path, overrides), progress=progress, resume=resume)
