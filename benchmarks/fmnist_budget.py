@@ -54,6 +54,7 @@ import math
 import sys
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -110,15 +111,12 @@ def padded_train_images() -> torch.Tensor:
 
 # -- difflab ---------------------------------------------------------------------------------------------------
 
-def difflab_overrides(minutes: float, out: Path) -> list[str]:
-    return [f"train.max_minutes={minutes}", f"train.out_dir={out}", "name=fmnist_budget_difflab"]
-
-
 def train_difflab(out: Path, minutes: float, seed: int) -> dict:
     from difflab.config import load_config
     from difflab.train.trainer import Trainer
 
-    config = load_config(REPO / "configs/fashion_mnist.yaml", difflab_overrides(minutes, out))
+    config = load_config(REPO / "configs/fashion_mnist.yaml",
+                         [f"train.max_minutes={minutes}", f"train.out_dir={out}", "name=fmnist_budget_difflab"])
     result = Trainer(config, progress=True).run()
     return {"steps": result.step, "stopped_by": result.stopped_by}
 
@@ -287,17 +285,15 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps(info), file=sys.stderr)
 
 
-def draw_samples(contestant: str, out: Path, n: int, batch: int, solver: str) -> tuple[torch.Tensor, float]:
-    """The first ``n`` samples, drawn ``batch`` at a time; each batch is kept in ``out/samples_nfe20/`` as it
-    is finished, so an interrupted run resumes and a larger ``--n`` only draws the new ones."""
-    parts = out / f"samples_nfe{NFE}{variant(contestant, solver)}"
+def draw_samples(make_draw, parts: Path, n: int, batch: int) -> tuple[torch.Tensor, float]:
+    """The first ``n`` samples, drawn ``batch`` at a time by ``make_draw()``'s function; each batch is kept in
+    ``parts`` as it is finished, so an interrupted run resumes and a larger ``--n`` only draws the new ones."""
     parts.mkdir(parents=True, exist_ok=True)
     draw, images, seconds = None, [], 0.0
-    for first in tqdm(range(0, n, batch), desc=f"sampling {contestant}", unit="batch"):
+    for first in tqdm(range(0, n, batch), desc=f"sampling ({parts})", unit="batch"):
         path = parts / f"{first:06d}-{min(batch, n - first)}.npz"
         if not path.exists():
-            draw = draw or (diffusers_sampler(out, batch, solver) if contestant == "diffusers"
-                            else SAMPLER[contestant](out, batch))
+            draw = draw or make_draw()
             start = time.perf_counter()
             chunk = draw(first, min(batch, n - first))
             np.savez(path.with_suffix(".tmp.npz"), images=chunk.numpy(), seconds=time.perf_counter() - start)
@@ -309,15 +305,19 @@ def draw_samples(contestant: str, out: Path, n: int, batch: int, solver: str) ->
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    out = args.runs / args.contestant
-    images, seconds = draw_samples(args.contestant, out, args.n, args.batch, args.diffusers_solver)
+    out, suffix = args.runs / args.contestant, variant(args.contestant, args.diffusers_solver)
+    if args.contestant == "diffusers":
+        make_draw = partial(diffusers_sampler, out, args.batch, args.diffusers_solver)
+    else:
+        make_draw = partial(SAMPLER[args.contestant], out, args.batch)
+    images, seconds = draw_samples(make_draw, out / f"samples_nfe{NFE}{suffix}", args.n, args.batch)
     report = score_images(images, None, EvalOptions(n=args.n, progress=True))
     trained = difflab_info(out) if args.contestant == "difflab" else json.loads((out / "run.json").read_text())
-    result = {"contestant": args.contestant + variant(args.contestant, args.diffusers_solver), "n": args.n, "nfe": NFE, "sampling_seconds": seconds,
+    result = {"contestant": args.contestant + suffix, "n": args.n, "nfe": NFE, "sampling_seconds": seconds,
               "threads": torch.get_num_threads(), "command": command_line(),
               "train": {k: trained.get(k) for k in ("steps", "images", "seconds", "last_loss")},
               "metrics": {k: report["metrics"][k] for k in ("fid", "kid", "precision", "recall")}}
-    (out / f"eval_nfe{NFE}_n{args.n}{variant(args.contestant, args.diffusers_solver)}.json").write_text(json.dumps(result, indent=1))
+    (out / f"eval_nfe{NFE}_n{args.n}{suffix}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"]), file=sys.stderr)
 
 
