@@ -54,18 +54,20 @@ class DiffusionConfig:
 class TrainConfig:
     out_dir: str = "runs/default"
     steps: int = 10000
-    max_minutes: float | None = None    # stop (and checkpoint) after this wall-clock budget
+    max_minutes: float | None = None    # stop (and checkpoint) after this much training time (resumes included)
     batch_size: int = 128
     lr: float = 2e-4
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 200
+    lr_schedule: str = "constant"            # constant | cosine | linear: after warm-up, decay to 0 at the run's end
     grad_clip: float | None = 1.0
     ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
     ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
     label_dropout: float = 0.1               # conditional models: probability of the null label
     loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3)
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda L_vlb
+    min_snr_gamma: float | None = None       # Min-SNR-gamma loss weighting of L_simple (Hang et al. 2023); None: off
     timestep_sampling: str = "uniform"       # uniform | importance (p_t ~ sqrt(E[L_t^2]), for loss: vlb)
     seed: int = 0
     log_every: int = 50

@@ -8,6 +8,12 @@
 - ``hybrid``: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 (Nichol & Dhariwal 2021, Eq. 16), where
   the L_vlb term sees the mean through a stop-gradient, so it trains only the variance (Sec. 3.1).
 
+``simple`` and ``hybrid`` take an optional Min-SNR-gamma weighting of the L_simple term (Hang et al. 2023,
+"Efficient Diffusion Training via Min-SNR Weighting Strategy", Sec. 3.4): every prediction's loss is a
+multiple of the x0 loss, ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1)
+||x0 - x0_hat||^2, and the weight makes the x0-loss weight min(SNR_t, gamma): low-noise steps, whose
+gradients conflict with the rest, stop dominating.
+
 L_vlb is in bits per dimension (per-dimension mean / ln 2), as in the paper's code, so lambda keeps the
 paper's meaning: lambda * T * L_t(bits/dim) balances L_simple (a per-dimension mean).
 """
@@ -56,11 +62,29 @@ def vlb_bits_per_dim(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, t: 
     return mean_flat(nats) / math.log(2.0)
 
 
+# The x0 loss's multiple that each prediction's L_simple is, as a function of SNR_t.
+X0_LOSS_MULTIPLE = {"eps": lambda snr: snr, "x0": lambda snr: torch.ones_like(snr), "v": lambda snr: snr + 1}
+
+
+def min_snr_weight(denoiser: Denoiser, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of each example's L_simple (Hang et al. 2023, Eq. 10 and Sec. 3.4): (B,)."""
+    abar = denoiser.schedule.alphas_cumprod.to(t.device)[t]
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=gamma) / X0_LOSS_MULTIPLE[denoiser.prediction](snr)).float()
+
+
+def simple_term(denoiser: Denoiser, mean: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                min_snr_gamma: float | None) -> torch.Tensor:
+    """|| target - mean output ||^2 per example, Min-SNR-gamma weighted when ``min_snr_gamma`` is set."""
+    loss = mean_flat((mean - full_precision(denoiser.target(x0, t, noise))) ** 2)
+    return loss if min_snr_gamma is None else loss * min_snr_weight(denoiser, t, min_snr_gamma)
+
+
 def simple_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
     """L_simple (Ho et al. 2020, Eq. 14); a learned-variance network's variance output is left untrained."""
     _, mean, _ = network_output(denoiser, x0, t, noise, y)
-    return mean_flat((mean - full_precision(denoiser.target(x0, t, noise))) ** 2)
+    return simple_term(denoiser, mean, x0, t, noise, min_snr_gamma)
 
 
 def vlb_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -71,20 +95,23 @@ def vlb_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch
 
 
 def hybrid_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                y: torch.Tensor | None = None, vlb_weight: float = 0.001) -> torch.Tensor:
+                y: torch.Tensor | None = None, vlb_weight: float = 0.001,
+                min_snr_gamma: float | None = None) -> torch.Tensor:
     """L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Eq. 16), with the mean detached in the L_vlb term."""
     xt, mean, variance = network_output(denoiser, x0, t, noise, y)
-    simple = mean_flat((mean - full_precision(denoiser.target(x0, t, noise))) ** 2)
+    simple = simple_term(denoiser, mean, x0, t, noise, min_snr_gamma)
     vlb = len(denoiser.schedule) * vlb_bits_per_dim(denoiser, x0, xt, t, mean.detach(), variance)
     return simple + vlb_weight * vlb
 
 
-def build_loss(name: str, vlb_weight: float = 0.001):
+def build_loss(name: str, vlb_weight: float = 0.001, min_snr_gamma: float | None = None):
     """The loss function ``name`` (one of ``LOSSES``) with its options bound."""
+    if min_snr_gamma is not None and (name == "vlb" or min_snr_gamma <= 0):
+        raise ValueError(f"min_snr_gamma {min_snr_gamma} needs a positive gamma and loss 'simple' or 'hybrid'")
     if name == "simple":
-        return simple_loss
+        return functools.partial(simple_loss, min_snr_gamma=min_snr_gamma)
     if name == "vlb":
         return vlb_loss
     if name == "hybrid":
-        return functools.partial(hybrid_loss, vlb_weight=vlb_weight)
+        return functools.partial(hybrid_loss, vlb_weight=vlb_weight, min_snr_gamma=min_snr_gamma)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

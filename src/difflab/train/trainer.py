@@ -2,7 +2,9 @@
 importance-sampled timesteps, with AdamW, warm-up, gradient clipping, EMA, logs, grids and checkpoints.
 
 Each step is a pure function of (weights, optimiser state, seed, step): see ``batches.py``. That is what
-makes ``resume`` bit-exact on the CPU.
+makes ``resume`` bit-exact on the CPU. The one exception is a learning rate that decays over a time
+budget (``train.lr_schedule`` with ``train.max_minutes``): it reads the clock. ``train.max_minutes`` counts
+the training time of the whole run, resumed invocations included (the checkpoint keeps it).
 
 Data-parallel training (``distributed.py``): every rank draws the step's whole global batch (examples,
 timesteps, noise, label dropout) and trains on its slice; DistributedDataParallel averages the gradients,
@@ -82,6 +84,27 @@ def check_objective(config: Config) -> None:
                            f"choose one of {TIMESTEP_SAMPLERS}")
     if t.loss == "hybrid" and not config.diffusion.learn_variance:
         raise DifflabError("train.loss 'hybrid' trains the reverse variance: set diffusion.learn_variance: true")
+    if t.min_snr_gamma is not None and (t.loss == "vlb" or t.min_snr_gamma <= 0):
+        raise DifflabError(f"train.min_snr_gamma {t.min_snr_gamma} weights L_simple: it needs a positive value "
+                           f"and train.loss 'simple' or 'hybrid', not {t.loss!r}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise DifflabError(f"unknown train.lr_schedule {t.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_multiplier(schedule: str, step: int, warmup_steps: int, progress: float) -> float:
+    """The learning rate as a fraction of train.lr: a linear warm-up over ``warmup_steps``, then constant, or
+    a cosine (Loshchilov & Hutter 2017, SGDR Eq. 5 with one cycle) or linear decay to zero as ``progress``
+    (the fraction of the run done, in [0, 1]) goes to 1."""
+    warmup = min(1.0, (step + 1) / max(warmup_steps, 1))
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return warmup * (1 - progress)
+    return warmup
 
 
 @dataclass
@@ -111,13 +134,15 @@ class Trainer:
             self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, t.ema_halflife_images, t.ema_rampup_ratio)
         self.ema_denoiser = self.denoiser.with_net(self.ema.model)
-        self.loss = build_loss(t.loss, t.vlb_weight)
+        self.loss = build_loss(t.loss, t.vlb_weight, t.min_snr_gamma)
         self.timesteps = build_timestep_sampler(t.timestep_sampling, len(self.denoiser.schedule))
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=t.adam_betas,
                                            weight_decay=t.weight_decay)
         self.precision = Precision(t.precision, self.device)
         self.batches = EpochBatches(len(self.data), t.batch_size, t.seed)
         self.step = 0
+        self.train_seconds = 0.0      # training time of the whole run, resumed invocations included
+        self.invocation_start = time.perf_counter()
         if resume:
             self._resume(self.out_dir / CHECKPOINT_NAME if resume is True else Path(resume))
         self.parallel, self.train_denoiser = self._training_network()
@@ -150,22 +175,39 @@ class Trainer:
                                            for k, v in checkpoint.section("train").items()})
         self.precision.load_state_dict(checkpoint.state.get("grad_scaler", {}))
         self.step = int(checkpoint.state["step"])
+        self.train_seconds = float(checkpoint.state.get("train_seconds", 0.0))
 
     def save(self) -> Path:
         """Write the checkpoint (rank 0 only; every rank holds the same weights)."""
         path = self.out_dir / CHECKPOINT_NAME
         if not self.dist.is_main:
             return path
-        state = {"step": self.step, "images_seen": self.step * self.config.train.batch_size}
+        state = {"step": self.step, "images_seen": self.step * self.config.train.batch_size,
+                 "train_seconds": self.elapsed()}
         if self.precision.scaler is not None:
             state["grad_scaler"] = self.precision.state_dict()
         train_tensors = {f"timesteps.{k}": v for k, v in self.timesteps.state_tensors().items()}
         return save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer, train_tensors)
 
     # -- one step -------------------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds of training in the whole run: earlier invocations' (from the checkpoint) plus this one's."""
+        return self.train_seconds + time.perf_counter() - self.invocation_start
+
+    def run_fraction(self, step: int) -> float:
+        """The fraction of the run done: of train.steps, or of train.max_minutes when that is nearer.
+
+        With a time budget this reads the clock, so a decaying learning rate makes the run depend on the
+        machine's speed and resume is exact only up to that (with a constant rate it stays bit-exact)."""
+        t = self.config.train
+        done = step / max(t.steps, 1)
+        if t.max_minutes is not None and t.lr_schedule != "constant":
+            done = max(done, self.elapsed() / (60 * t.max_minutes))
+        return done
+
     def lr_at(self, step: int) -> float:
         t = self.config.train
-        return t.lr * min(1.0, (step + 1) / max(t.warmup_steps, 1))
+        return t.lr * lr_multiplier(t.lr_schedule, step, t.warmup_steps, self.run_fraction(step))
 
     def global_batch(self, step: int) -> StepBatch:
         """The whole step's examples, timesteps, noise and labels, the same on every rank (on the CPU)."""
@@ -226,19 +268,21 @@ class Trainer:
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def out_of_time(self, start_time: float) -> bool:
-        """Whether train.max_minutes has passed, as rank 0's clock says to all ranks (they stop together)."""
+    def out_of_time(self) -> bool:
+        """Whether the run's train.max_minutes of training (over all its invocations) have passed, as rank 0's
+        clock says to all ranks (they stop together)."""
         minutes = self.config.train.max_minutes
         if minutes is None:
             return False
-        return self.dist.any(self.dist.is_main and time.perf_counter() - start_time > 60 * minutes)
+        return self.dist.any(self.dist.is_main and self.elapsed() > 60 * minutes)
 
     def run(self) -> TrainResult:
         t = self.config.train
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1) + "\n")
-        start_time, window_start, losses = time.perf_counter(), time.perf_counter(), []
+        self.invocation_start = window_start = time.perf_counter()
+        losses = []
         stopped_by, loss = "steps", math.nan
         budget = f" (stops after {t.max_minutes:g} min)" if t.max_minutes is not None else ""
         bar = tqdm(total=t.steps, initial=self.step, desc=f"training{budget}", unit="step",
@@ -252,7 +296,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     images_per_s = len(losses) * t.batch_size / max(elapsed, 1e-9)
                     record = {"step": self.step, "loss": sum(losses) / len(losses), "lr": self.lr_at(self.step - 1),
-                              "images_per_s": images_per_s, "elapsed_s": time.perf_counter() - start_time}
+                              "images_per_s": images_per_s, "elapsed_s": self.elapsed()}
                     self.log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}")
                     window_start, losses = time.perf_counter(), []
@@ -260,7 +304,7 @@ class Trainer:
                     self.save()
                 if self.step % t.sample_every == 0:
                     self.preview(f"step_{self.step:07d}")
-                if self.out_of_time(start_time):
+                if self.out_of_time():
                     stopped_by = "time"
                     break
         except KeyboardInterrupt:
