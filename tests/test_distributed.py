@@ -48,14 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_worker(rank: int, world_size: int, port: int, out_dir: Path, steps: int) -> None:
+def rank_worker(rank: int, world_size: int, port: int, out_dir: Path, steps: int, *extra: str) -> None:
     """One gloo rank (a spawned process): train, then save this rank's final weights for the parent."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist = distributed.init("cpu", os.environ)
     try:
-        trainer = Trainer(toy_config(out_dir, steps), progress=False, dist=dist)
+        trainer = Trainer(toy_config(out_dir, steps, *extra), progress=False, dist=dist)
         trainer.run()
         torch.save(parameters(trainer), out_dir / f"rank{rank}.pt")
     finally:
@@ -77,6 +77,17 @@ def test_two_ranks_match_one_process(tmp_path, single_run):
     assert_close(rank0, single_run[0])
     assert load_checkpoint(tmp_path).state["step"] == 10
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2    # rank 0 logged, rank 1 did not
+
+
+def test_two_ranks_take_the_same_rates_when_they_decay_over_a_time_budget(tmp_path):
+    """The rate reads the clock; the ranks agree on one reading, so their weights stay identical."""
+    extra = ("train.lr_schedule=cosine", "train.max_minutes=0.03", "train.warmup_steps=1")
+    mp.spawn(rank_worker, args=(2, free_port(), tmp_path, 100000, *extra), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    state = load_checkpoint(tmp_path).state
+    assert 0 < state["step"] < 100000 and state["train_seconds"] >= 0.03 * 60
 
 
 def test_torchrun_checkpoint_resumes_in_one_process(tmp_path, single_run):

@@ -65,11 +65,15 @@ class DistributedContext:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on at least one, so all ranks take the same branch."""
+        return bool(self.max(float(flag)))
+
+    def max(self, value: float) -> float:
+        """The largest of the ranks' ``value``, on every rank (a clock reading they must agree on)."""
         if not self.is_distributed:
-            return flag
-        value = torch.tensor([float(flag)], device=self.device)
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return tensor.item()
 
     def barrier(self) -> None:
         if self.is_distributed:

@@ -197,12 +197,13 @@ class Trainer:
     def run_fraction(self, step: int) -> float:
         """The fraction of the run done: of train.steps, or of train.max_minutes when that is nearer.
 
-        With a time budget this reads the clock, so a decaying learning rate makes the run depend on the
-        machine's speed and resume is exact only up to that (with a constant rate it stays bit-exact)."""
+        With a time budget this reads the clock (the slowest rank's, so all ranks take the same rate), so a
+        decaying learning rate makes the run depend on the machine's speed and resume is exact only up to
+        that (with a constant rate it stays bit-exact)."""
         t = self.config.train
         done = step / max(t.steps, 1)
         if t.max_minutes is not None and t.lr_schedule != "constant":
-            done = max(done, self.elapsed() / (60 * t.max_minutes))
+            done = max(done, self.dist.max(self.elapsed()) / (60 * t.max_minutes))
         return done
 
     def lr_at(self, step: int) -> float:
