@@ -9,9 +9,11 @@ the peers' 32x32 samples are centre-cropped to the 28x28 of the data, whose padd
 Contestants, each with its own recipe's defaults (nothing tuned here):
 
 - ``difflab``: ``configs/fashion_mnist.yaml`` with ``train.max_minutes`` set to the budget (1.07M-parameter
-  U-Net on 28x28, cosine schedule, eps, batch 64, AdamW 1e-3, EMA); sampled with Heun's method on a log-SNR
-  grid, 10 steps = 19 NFE + the final denoising step = 20 (the best 20-NFE sampler on the 6-minute preset,
-  ``benchmarks/results/fmnist_samplers_ddpm.md``, chosen before this benchmark ran).
+  U-Net on 28x28, cosine schedule, eps, Min-SNR-5 loss weighting, batch 64, AdamW 2e-3 decayed to zero by a
+  cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX;
+  fp32 elsewhere); sampled with Heun's method on a log-SNR grid, 10 steps = 19 NFE + the final denoising
+  step = 20 (the best 20-NFE sampler on the 6-minute preset, ``benchmarks/results/fmnist_samplers_ddpm.md``,
+  chosen before this benchmark first ran).
 - ``diffusers``: the recipe of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
   (``UNet2DModel`` + ``DDPMScheduler`` with 1000 linear-beta steps, eps, batch 16, AdamW 1e-4 with betas
   (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps, gradient clipping at 1, ``EMAModel`` with
@@ -42,8 +44,9 @@ Steps, each resumable by contestant (runs land in ``--runs``, default ``runs/bud
 
 Two contestants can train side by side on the 2-core machine (one thread each); more would share cores.
 
-Measured on 2026-11-29 (README, ``benchmarks/results/fmnist_budget_n5000.md``): 5,000 samples each, as the
-peers' sampling (480 and 648 s per 1,000 samples on one thread) did not fit 10,000 into the session.
+Sampling batches of 100 are the peers' fastest on one thread (diffusers 235 s and lucidrains 361 s per 1,000
+samples, against 319 s and 517 s in batches of 500, on the Zen 4 EPYC). The README has the latest results
+and the machine they were measured on.
 """
 
 from __future__ import annotations
@@ -111,12 +114,20 @@ def padded_train_images() -> torch.Tensor:
 
 # -- difflab ---------------------------------------------------------------------------------------------------
 
-def train_difflab(out: Path, minutes: float, seed: int) -> dict:
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 matmuls run natively (1.4x the fp32 training steps of the preset on the
+    Zen 4 EPYC); without them they are a slow fallback (7-17x slower on an AVX2-only EPYC)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def train_difflab(out: Path, minutes: float, seed: int, overrides: list[str] = ()) -> dict:
     from difflab.config import load_config
     from difflab.train.trainer import Trainer
 
+    precision = "bf16" if cpu_has_fast_bf16() else "fp32"
     config = load_config(REPO / "configs/fashion_mnist.yaml",
-                         [f"train.max_minutes={minutes}", f"train.out_dir={out}", "name=fmnist_budget_difflab"])
+                         [f"train.max_minutes={minutes}", f"train.out_dir={out}", "name=fmnist_budget_difflab",
+                          f"train.precision={precision}", *overrides])
     result = Trainer(config, progress=True).run()
     return {"steps": result.step, "stopped_by": result.stopped_by}
 
@@ -281,7 +292,10 @@ SAMPLER = {"difflab": difflab_sampler, "diffusers": diffusers_sampler, "lucidrai
 
 def run_train(args: argparse.Namespace) -> None:
     out = args.runs / args.contestant
-    info = TRAIN[args.contestant](out, args.minutes, args.seed)
+    if args.set and args.contestant != "difflab":
+        sys.exit("fmnist_budget: --set changes difflab's config only; the peers keep their recipes")
+    extra = {"overrides": args.set} if args.contestant == "difflab" else {}
+    info = TRAIN[args.contestant](out, args.minutes, args.seed, **extra)
     print(json.dumps(info), file=sys.stderr)
 
 
@@ -369,13 +383,16 @@ def main(argv: list[str] | None = None) -> None:
     for phase in ("train", "sample"):
         p = sub.add_parser(phase)
         p.add_argument("contestant", choices=CONTESTANTS)
+    sub.choices["train"].add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                                      help="difflab: a config override on top of the preset (tuning runs)")
     sub.add_parser("report")
     for p in sub.choices.values():
         p.add_argument("--runs", type=Path, default=REPO / "runs/budget")
         p.add_argument("--minutes", type=float, default=30.0, help="training budget per contestant")
         p.add_argument("--threads", type=int, default=1, help="torch threads (1: the budget is CPU time)")
         p.add_argument("--n", type=int, default=10000, help="samples scored per contestant")
-        p.add_argument("--batch", type=int, default=500, help="sampling batch size")
+        p.add_argument("--batch", type=int, default=100,
+                       help="sampling batch size (100: the peers' fastest on one thread)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--diffusers-solver", choices=sorted(DIFFUSERS_SOLVERS), default="dpmsolver++",
                        help="the diffusers contestant's 20-step scheduler (ddim: DDIMScheduler, clip_sample on)")
