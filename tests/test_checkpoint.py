@@ -22,7 +22,9 @@ def image_config(out_dir, folder, steps=6):
                  "data.dataset=folder", f"data.path={folder}", "data.image_size=8", "data.channels=3",
                  "model.unet.model_channels=16", "model.unet.channel_mult=[1, 2]", "model.unet.num_res_blocks=1",
                  "model.unet.attention_resolutions=[4]", "model.unet.groups=8", "model.unet.dropout=0.1",
-                 "sample.steps=5"]
+                 "sample.steps=5",
+                 # the resume tests stop a run early by a smaller train.steps, which a decaying rate follows
+                 "train.lr_schedule=constant", "train.max_minutes=null"]
     return load_config("configs/fashion_mnist.yaml", overrides)
 
 

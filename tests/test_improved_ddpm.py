@@ -183,6 +183,7 @@ def test_importance_sampled_vlb_training_resumes_bit_exactly(tmp_path, image_fol
         c = image_config(out, image_folder, steps)
         c.diffusion.timesteps, c.diffusion.learn_variance, c.sample.steps = 4, True, 4
         c.train.loss, c.train.timestep_sampling, c.train.batch_size = "vlb", "importance", 8
+        c.train.min_snr_gamma = None                                         # weights L_simple only
         return c
 
     full = Trainer(config(tmp_path / "full", 12), progress=False)
