@@ -114,17 +114,21 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert not list((tmp_path / "run").glob(".*tmp*"))
 
 
-def test_interrupt_writes_a_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(toy_config(tmp_path / "run", steps=50), progress=False)
+def interrupt_at(trainer, step, monkeypatch):
+    """Run ``trainer`` until it has taken ``step`` steps, then press Ctrl-C (KeyboardInterrupt)."""
     real_step = trainer.train_step
 
     def step_then_interrupt():
         loss = real_step()
-        if trainer.step == 7:
+        if trainer.step == step:
             raise KeyboardInterrupt
         return loss
 
     monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
+
+
+def test_interrupt_writes_a_checkpoint(tmp_path, monkeypatch):
+    interrupt_at(Trainer(toy_config(tmp_path / "run", steps=50), progress=False), 7, monkeypatch)
     assert load_checkpoint(tmp_path / "run").state["step"] == 7

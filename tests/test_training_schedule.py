@@ -13,7 +13,7 @@ from difflab.losses import build_loss, min_snr_weight
 from difflab.schedules import NoiseSchedule
 from difflab.train.trainer import Trainer, lr_multiplier
 
-from test_checkpoint import assert_identical, parameters, toy_config
+from test_checkpoint import assert_identical, interrupt_at, parameters, toy_config
 
 
 def test_lr_multiplier_warms_up_then_decays_to_zero():
@@ -103,18 +103,7 @@ def test_cosine_decay_over_steps_resumes_bit_exactly(tmp_path, monkeypatch):
     extra = {"train.lr_schedule": "cosine", "train.warmup_steps": 3}
     full = Trainer(toy_config(tmp_path / "full", steps=20, **extra), progress=False)
     full.run()
-    first = Trainer(toy_config(tmp_path / "split", steps=20, **extra), progress=False)
-    real_step = first.train_step
-
-    def step_then_interrupt():
-        loss = real_step()
-        if first.step == 9:
-            raise KeyboardInterrupt
-        return loss
-
-    monkeypatch.setattr(first, "train_step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
+    interrupt_at(Trainer(toy_config(tmp_path / "split", steps=20, **extra), progress=False), 9, monkeypatch)
     second = Trainer(toy_config(tmp_path / "split", steps=20, **extra), resume=True, progress=False)
     assert second.step == 9
     second.run()
