@@ -9,11 +9,15 @@ the peers' 32x32 samples are centre-cropped to the 28x28 of the data, whose padd
 Contestants, each with its own recipe's defaults (nothing tuned here):
 
 - ``difflab``: ``configs/fashion_mnist.yaml`` with ``train.max_minutes`` set to the budget (1.07M-parameter
-  U-Net on 28x28, cosine schedule, eps, Min-SNR-5 loss weighting, batch 64, AdamW 2e-3 decayed to zero by a
-  cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX;
+  U-Net on 28x28, cosine schedule, v-prediction, Min-SNR-5 loss weighting, batch 32, AdamW 2e-3 decayed to
+  zero by a cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX;
   fp32 elsewhere); sampled with Heun's method on a log-SNR grid, 10 steps = 19 NFE + the final denoising
   step = 20 (the best 20-NFE sampler on the 6-minute preset, ``benchmarks/results/fmnist_samplers_ddpm.md``,
-  chosen before this benchmark first ran).
+  chosen before this benchmark first ran), from sigma 80 (EDM's sigma_max, Karras et al. 2022, Sec. 5) down
+  to sigma 0.1, then one jump to the denoised x_0. The cosine schedule's own range (2e4 .. 0.0064) spends
+  3 of the 10 steps above sigma 100 and the last on noise far below a grey level; the range was chosen on
+  the first 30-minute model against 10,000 *training* images with seeds disjoint from the scored samples'
+  (``benchmarks/results/fmnist_budget_tuning.md``), so the test set scored here played no part in it.
 - ``diffusers``: the recipe of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
   (``UNet2DModel`` + ``DDPMScheduler`` with 1000 linear-beta steps, eps, batch 16, AdamW 1e-4 with betas
   (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps, gradient clipping at 1, ``EMAModel`` with
@@ -77,6 +81,7 @@ CONTESTANTS = ("difflab", "diffusers", "lucidrains")
 DIFFUSERS_SOLVERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
 REPO = Path(__file__).resolve().parents[1]
 NFE = 20
+DIFFLAB_SIGMA_RANGE = (0.1, 80.0)      # difflab's Heun grid, sigma_min .. sigma_max (see the docstring)
 
 
 # -- shared training harness for the peers ------------------------------------------------------------------
@@ -141,6 +146,7 @@ def difflab_sampler(out: Path, batch: int):
 
     loaded = load_model(out)
     options = dataclasses.replace(loaded.config.sample, sampler="heun", spacing="logsnr",
+                                  sigma_max=DIFFLAB_SIGMA_RANGE[1], sigma_min=DIFFLAB_SIGMA_RANGE[0],
                                   steps=steps_for_nfe("heun", NFE), batch_size=batch)
 
     def draw(first: int, count: int) -> torch.Tensor:
@@ -288,6 +294,9 @@ def variant(contestant: str, solver: str) -> str:
 
 TRAIN = {"difflab": train_difflab, "diffusers": train_diffusers, "lucidrains": train_lucidrains}
 SAMPLER = {"difflab": difflab_sampler, "diffusers": diffusers_sampler, "lucidrains": lucidrains_sampler}
+SAMPLER_NAME = {"difflab": "heun, 10 steps, log-SNR grid, sigma {} .. {}".format(*DIFFLAB_SIGMA_RANGE),
+                "diffusers": "DPMSolverMultistepScheduler, 20 steps", "diffusers_ddim": "DDIMScheduler, 20 steps",
+                "lucidrains": "GaussianDiffusion DDIM, sampling_timesteps 20"}
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -299,10 +308,16 @@ def run_train(args: argparse.Namespace) -> None:
     print(json.dumps(info), file=sys.stderr)
 
 
-def draw_samples(make_draw, parts: Path, n: int, batch: int) -> tuple[torch.Tensor, float]:
+def draw_samples(make_draw, parts: Path, n: int, batch: int, sampler: str) -> tuple[torch.Tensor, float]:
     """The first ``n`` samples, drawn ``batch`` at a time by ``make_draw()``'s function; each batch is kept in
-    ``parts`` as it is finished, so an interrupted run resumes and a larger ``--n`` only draws the new ones."""
+    ``parts`` as it is finished, so an interrupted run resumes and a larger ``--n`` only draws the new ones.
+    ``parts/sampler.txt`` names the sampler that drew them: a different one stops the run rather than mix."""
     parts.mkdir(parents=True, exist_ok=True)
+    stamp = parts / "sampler.txt"
+    if stamp.exists() and stamp.read_text() != sampler:
+        sys.exit(f"fmnist_budget: {parts} holds samples of another sampler ({stamp.read_text()!r}, this run: "
+                 f"{sampler!r}); move it away to draw new ones")
+    stamp.write_text(sampler)
     draw, images, seconds = None, [], 0.0
     for first in tqdm(range(0, n, batch), desc=f"sampling ({parts})", unit="batch"):
         path = parts / f"{first:06d}-{min(batch, n - first)}.npz"
@@ -324,10 +339,12 @@ def run_sample(args: argparse.Namespace) -> None:
         make_draw = partial(diffusers_sampler, out, args.batch, args.diffusers_solver)
     else:
         make_draw = partial(SAMPLER[args.contestant], out, args.batch)
-    images, seconds = draw_samples(make_draw, out / f"samples_nfe{NFE}{suffix}", args.n, args.batch)
+    sampler = SAMPLER_NAME[args.contestant + suffix]
+    images, seconds = draw_samples(make_draw, out / f"samples_nfe{NFE}{suffix}", args.n, args.batch, sampler)
     report = score_images(images, None, EvalOptions(n=args.n, progress=True))
     trained = difflab_info(out) if args.contestant == "difflab" else json.loads((out / "run.json").read_text())
-    result = {"contestant": args.contestant + suffix, "n": args.n, "nfe": NFE, "sampling_seconds": seconds,
+    result = {"contestant": args.contestant + suffix, "n": args.n, "nfe": NFE, "sampler": sampler,
+              "sampling_seconds": seconds,
               "threads": torch.get_num_threads(), "command": command_line(),
               "train": {k: trained.get(k) for k in ("steps", "images", "seconds", "last_loss")},
               "metrics": {k: report["metrics"][k] for k in ("fid", "kid", "precision", "recall")}}
