@@ -10,8 +10,8 @@ Contestants, each with its own recipe's defaults (nothing tuned here):
 
 - ``difflab``: ``configs/fashion_mnist.yaml`` with ``train.max_minutes`` set to the budget (1.07M-parameter
   U-Net on 28x28, cosine schedule, v-prediction, Min-SNR-5 loss weighting, batch 32, AdamW 2e-3 decayed to
-  zero by a cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX;
-  fp32 elsewhere); sampled with Heun's method on a log-SNR grid, 10 steps = 19 NFE + the final denoising
+  zero by a cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16
+  or AMX; fp32 elsewhere); sampled with Heun's method on a log-SNR grid, 10 steps = 19 NFE + the final denoising
   step = 20 (the best 20-NFE sampler on the 6-minute preset, ``benchmarks/results/fmnist_samplers_ddpm.md``,
   chosen before this benchmark first ran), from sigma 80 (EDM's sigma_max, Karras et al. 2022, Sec. 5) down
   to sigma 0.1, then one jump to the denoised x_0. The cosine schedule's own range (2e4 .. 0.0064) spends
@@ -76,6 +76,7 @@ from common import command_line, machine_info, markdown_table, write_results  # 
 from difflab.data import load_fashion_mnist, to_uint8_images  # noqa: E402
 from difflab.imageio import save_grid  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, score_images  # noqa: E402
+from difflab.samplers import steps_for_nfe  # noqa: E402
 
 CONTESTANTS = ("difflab", "diffusers", "lucidrains")
 DIFFUSERS_SOLVERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
@@ -142,7 +143,6 @@ def difflab_sampler(out: Path, batch: int):
     import dataclasses
 
     from difflab.pipelines.ddpm import load_model, sample
-    from difflab.samplers import steps_for_nfe
 
     loaded = load_model(out)
     options = dataclasses.replace(loaded.config.sample, sampler="heun", spacing="logsnr",
@@ -294,9 +294,11 @@ def variant(contestant: str, solver: str) -> str:
 
 TRAIN = {"difflab": train_difflab, "diffusers": train_diffusers, "lucidrains": train_lucidrains}
 SAMPLER = {"difflab": difflab_sampler, "diffusers": diffusers_sampler, "lucidrains": lucidrains_sampler}
-SAMPLER_NAME = {"difflab": "heun, 10 steps, log-SNR grid, sigma {} .. {}".format(*DIFFLAB_SIGMA_RANGE),
-                "diffusers": "DPMSolverMultistepScheduler, 20 steps", "diffusers_ddim": "DDIMScheduler, 20 steps",
-                "lucidrains": "GaussianDiffusion DDIM, sampling_timesteps 20"}
+SAMPLER_NAME = {"difflab": f"heun, {steps_for_nfe('heun', NFE)} steps, log-SNR grid, "
+                           "sigma {} .. {}".format(*DIFFLAB_SIGMA_RANGE),
+                "diffusers": f"DPMSolverMultistepScheduler, {NFE} steps",
+                "diffusers_ddim": f"DDIMScheduler, {NFE} steps",
+                "lucidrains": f"GaussianDiffusion DDIM, sampling_timesteps {NFE}"}
 
 
 def run_train(args: argparse.Namespace) -> None:
