@@ -11,13 +11,18 @@ Contestants, each with its own recipe's defaults (nothing tuned here):
 - ``difflab``: ``configs/fashion_mnist.yaml`` with ``train.max_minutes`` set to the budget (1.07M-parameter
   U-Net on 28x28, cosine schedule, v-prediction, Min-SNR-5 loss weighting, batch 32, AdamW 2e-3 decayed to
   zero by a cosine over the time budget, EMA), in bf16 autocast where the CPU has native bf16 (AVX512-BF16
-  or AMX; fp32 elsewhere); sampled with Heun's method on a log-SNR grid, 10 steps = 19 NFE + the final denoising
-  step = 20 (the best 20-NFE sampler on the 6-minute preset, ``benchmarks/results/fmnist_samplers_ddpm.md``,
-  chosen before this benchmark first ran), from sigma 80 (EDM's sigma_max, Karras et al. 2022, Sec. 5) down
-  to sigma 0.1, then one jump to the denoised x_0. The cosine schedule's own range (2e4 .. 0.0064) spends
-  3 of the 10 steps above sigma 100 and the last on noise far below a grey level; the range was chosen on
-  the first 30-minute model against 10,000 *training* images with seeds disjoint from the scored samples'
-  (``benchmarks/results/fmnist_budget_tuning.md``), so the test set scored here played no part in it.
+  or AMX; fp32 elsewhere); sampled as the preset recommends (its ``sample`` section): Heun's method on a
+  log-SNR grid, 10 steps = 19 NFE (the best 20-NFE sampler on the 6-minute preset,
+  ``benchmarks/results/fmnist_samplers_ddpm.md``, chosen before this benchmark first ran), from sigma 80
+  (EDM's sigma_max, Karras et al. 2022, Sec. 5) down to sigma 0.1, then one jump to the denoised x_0. The
+  cosine schedule's own range (2e4 .. 0.0064) spends 3 of the 10 steps above sigma 100 and the last on noise
+  far below a grey level; the range was chosen on the first 30-minute model against 10,000 *training* images
+  with seeds disjoint from the scored samples' (``benchmarks/results/fmnist_budget_tuning.md``), so the test
+  set scored here played no part in it.
+- ``difflab_edm``: ``configs/fashion_mnist_edm.yaml``, the same U-Net, data, optimiser and budget trained as
+  EDM (Karras et al. 2022: Table 1's preconditioning with sigma_data measured on the training data, log-normal
+  training sigmas, lambda = 1 / c_out^2); sampled as that preset recommends, EDM's own Heun sampler on the
+  rho = 7 grid from 80 to 0.002 (Alg. 1, Eq. 5), 10 steps = 19 NFE; nothing tuned on this benchmark.
 - ``diffusers``: the recipe of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
   (``UNet2DModel`` + ``DDPMScheduler`` with 1000 linear-beta steps, eps, batch 16, AdamW 1e-4 with betas
   (0.95, 0.999) and weight decay 1e-6, 500 warm-up steps, gradient clipping at 1, ``EMAModel`` with
@@ -78,11 +83,11 @@ from difflab.imageio import save_grid  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, score_images  # noqa: E402
 from difflab.samplers import steps_for_nfe  # noqa: E402
 
-CONTESTANTS = ("difflab", "diffusers", "lucidrains")
+CONTESTANTS = ("difflab", "difflab_edm", "diffusers", "lucidrains")
+DIFFLAB_PRESETS = {"difflab": "configs/fashion_mnist.yaml", "difflab_edm": "configs/fashion_mnist_edm.yaml"}
 DIFFUSERS_SOLVERS = {"dpmsolver++": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler"}
 REPO = Path(__file__).resolve().parents[1]
 NFE = 20
-DIFFLAB_SIGMA_RANGE = (0.1, 80.0)      # difflab's Heun grid, sigma_min .. sigma_max (see the docstring)
 
 
 # -- shared training harness for the peers ------------------------------------------------------------------
@@ -126,32 +131,48 @@ def cpu_has_fast_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def train_difflab(out: Path, minutes: float, seed: int, overrides: list[str] = ()) -> dict:
+def train_difflab(out: Path, minutes: float, seed: int, overrides: list[str] = (), preset: str = "difflab") -> dict:
     from difflab.config import load_config
-    from difflab.train.trainer import Trainer
+    from difflab.train.diffusion import diffusion_trainer
 
     precision = "bf16" if cpu_has_fast_bf16() else "fp32"
-    config = load_config(REPO / "configs/fashion_mnist.yaml",
-                         [f"train.max_minutes={minutes}", f"train.out_dir={out}", "name=fmnist_budget_difflab",
+    config = load_config(REPO / DIFFLAB_PRESETS[preset],
+                         [f"train.max_minutes={minutes}", f"train.out_dir={out}", f"name=fmnist_budget_{preset}",
                           f"train.precision={precision}", *overrides])
-    result = Trainer(config, progress=True).run()
+    result = diffusion_trainer(config, progress=True).run()
     return {"steps": result.step, "stopped_by": result.stopped_by}
 
 
-def difflab_sampler(out: Path, batch: int):
+def difflab_options(preset: str):
+    """The preset's recommended sampler (its ``sample`` section), which must spend at most ``NFE``."""
+    from difflab.config import load_config
+
+    options = load_config(REPO / DIFFLAB_PRESETS[preset]).sample
+    if options.sampler != "heun" or options.steps != steps_for_nfe("heun", NFE):
+        sys.exit(f"fmnist_budget: {DIFFLAB_PRESETS[preset]} recommends {options.sampler} with {options.steps} steps, "
+                 f"not a {NFE}-NFE Heun sampler")
+    return options
+
+
+def difflab_sampler_name(preset: str) -> str:
+    o = difflab_options(preset)
+    return f"heun, {o.steps} steps, {o.spacing} grid, sigma {o.sigma_min:g} .. {o.sigma_max:g}"
+
+
+def difflab_sampler(out: Path, batch: int, preset: str = "difflab"):
     """``draw(first, count)``: samples first .. first + count - 1 (sample i seeded by i) as uint8."""
     import dataclasses
 
     from difflab.pipelines.ddpm import load_model, sample
 
     loaded = load_model(out)
-    options = dataclasses.replace(loaded.config.sample, sampler="heun", spacing="logsnr",
-                                  sigma_max=DIFFLAB_SIGMA_RANGE[1], sigma_min=DIFFLAB_SIGMA_RANGE[0],
-                                  steps=steps_for_nfe("heun", NFE), batch_size=batch)
+    options = dataclasses.replace(loaded.config.sample, batch_size=batch)
+    if difflab_sampler_name(preset) != "heun, {} steps, {} grid, sigma {:g} .. {:g}".format(
+            options.steps, options.spacing, options.sigma_min, options.sigma_max):
+        sys.exit(f"fmnist_budget: {out} was trained with another sample section than {DIFFLAB_PRESETS[preset]}")
 
     def draw(first: int, count: int) -> torch.Tensor:
-        return to_uint8_images(sample(loaded.denoiser, loaded.config, count,
-                                      dataclasses.replace(options, seed=first)))
+        return to_uint8_images(sample(loaded, count, dataclasses.replace(options, seed=first)))
     return draw
 
 
@@ -292,10 +313,11 @@ def variant(contestant: str, solver: str) -> str:
     return f"_{solver}" if contestant == "diffusers" and solver != "dpmsolver++" else ""
 
 
-TRAIN = {"difflab": train_difflab, "diffusers": train_diffusers, "lucidrains": train_lucidrains}
-SAMPLER = {"difflab": difflab_sampler, "diffusers": diffusers_sampler, "lucidrains": lucidrains_sampler}
-SAMPLER_NAME = {"difflab": f"heun, {steps_for_nfe('heun', NFE)} steps, log-SNR grid, "
-                           "sigma {} .. {}".format(*DIFFLAB_SIGMA_RANGE),
+TRAIN = {"difflab": train_difflab, "difflab_edm": partial(train_difflab, preset="difflab_edm"),
+         "diffusers": train_diffusers, "lucidrains": train_lucidrains}
+SAMPLER = {"difflab": difflab_sampler, "difflab_edm": partial(difflab_sampler, preset="difflab_edm"),
+           "diffusers": diffusers_sampler, "lucidrains": lucidrains_sampler}
+SAMPLER_NAME = {"difflab": difflab_sampler_name("difflab"), "difflab_edm": difflab_sampler_name("difflab_edm"),
                 "diffusers": f"DPMSolverMultistepScheduler, {NFE} steps",
                 "diffusers_ddim": f"DDIMScheduler, {NFE} steps",
                 "lucidrains": f"GaussianDiffusion DDIM, sampling_timesteps {NFE}"}
@@ -303,9 +325,9 @@ SAMPLER_NAME = {"difflab": f"heun, {steps_for_nfe('heun', NFE)} steps, log-SNR g
 
 def run_train(args: argparse.Namespace) -> None:
     out = args.runs / args.contestant
-    if args.set and args.contestant != "difflab":
+    if args.set and args.contestant not in DIFFLAB_PRESETS:
         sys.exit("fmnist_budget: --set changes difflab's config only; the peers keep their recipes")
-    extra = {"overrides": args.set} if args.contestant == "difflab" else {}
+    extra = {"overrides": args.set} if args.contestant in DIFFLAB_PRESETS else {}
     info = TRAIN[args.contestant](out, args.minutes, args.seed, **extra)
     print(json.dumps(info), file=sys.stderr)
 
@@ -344,7 +366,7 @@ def run_sample(args: argparse.Namespace) -> None:
     sampler = SAMPLER_NAME[args.contestant + suffix]
     images, seconds = draw_samples(make_draw, out / f"samples_nfe{NFE}{suffix}", args.n, args.batch, sampler)
     report = score_images(images, None, EvalOptions(n=args.n, progress=True))
-    trained = difflab_info(out) if args.contestant == "difflab" else json.loads((out / "run.json").read_text())
+    trained = difflab_info(out) if args.contestant in DIFFLAB_PRESETS else json.loads((out / "run.json").read_text())
     result = {"contestant": args.contestant + suffix, "n": args.n, "nfe": NFE, "sampler": sampler,
               "sampling_seconds": seconds,
               "threads": torch.get_num_threads(), "command": command_line(),
@@ -354,26 +376,30 @@ def run_sample(args: argparse.Namespace) -> None:
     print(json.dumps(result["metrics"]), file=sys.stderr)
 
 
-PARAMETERS = {"difflab": 1.07, "diffusers": 1.11, "lucidrains": 2.44}      # millions, see the docstring
-GFLOP = {"difflab": 0.26, "diffusers": 0.51, "lucidrains": 0.31}           # per image forward, torch's counter
+PARAMETERS = {"difflab": 1.07, "difflab_edm": 1.07, "diffusers": 1.11, "lucidrains": 2.44}   # millions
+GFLOP = {"difflab": 0.26, "difflab_edm": 0.26, "diffusers": 0.51, "lucidrains": 0.31}     # per image forward
 
 
 def run_report(args: argparse.Namespace) -> None:
     def eval_path(c: str) -> Path:
+        if c in CONTESTANTS:
+            return args.runs / c / f"eval_nfe{NFE}_n{args.n}.json"
         base, _, solver = c.partition("_")
-        return args.runs / base / f"eval_nfe{NFE}_n{args.n}{'_' + solver if solver else ''}.json"
+        return args.runs / base / f"eval_nfe{NFE}_n{args.n}_{solver}.json"
 
     names = [*CONTESTANTS, *(f"diffusers_{s}" for s in DIFFUSERS_SOLVERS if s != "dpmsolver++")]
     results = {c: json.loads(eval_path(c).read_text()) for c in names if eval_path(c).exists()}
     if "difflab" not in results:
         sys.exit(f"fmnist_budget: no {eval_path('difflab')}; run `sample difflab --n {args.n}` first")
-    peers = [results[c]["metrics"]["fid"] for c in results if c != "difflab"]
+    peers = [results[c]["metrics"]["fid"] for c in results if c not in DIFFLAB_PRESETS]
     best_peer = min(peers) if peers else math.nan
     ours = results["difflab"]["metrics"]["fid"]
+    edm = (f" The EDM preset's is {results['difflab_edm']['metrics']['fid'] / best_peer:.3f} of it."
+           if "difflab_edm" in results else "")
     rows = []
     for c, r in results.items():
         m, t = r["metrics"], r["train"]
-        base = c.partition("_")[0]
+        base = c if c in CONTESTANTS else c.partition("_")[0]
         rows.append([c, f"{PARAMETERS[base]:.2f}M", f"{GFLOP[base]:.2f}", f"{t['steps']}", f"{t['images'] / 1000:.0f}k",
                      f"{r['sampling_seconds'] / r['n'] * 1000:.0f}", f"{m['fid']:.2f}", f"{1000 * m['kid']:.1f}",
                      f"{m['precision']:.2f}", f"{m['recall']:.2f}", f"{m['fid'] / ours:.2f}"])
@@ -382,13 +408,14 @@ def run_report(args: argparse.Namespace) -> None:
     markdown = (f"# Fashion-MNIST, {args.minutes:g} minutes of one CPU thread per contestant\n\n"
                 f"`{command_line()}`: {args.n} samples each at {NFE} network evaluations, scored against the "
                 f"test set with the shipped classifier's features. difflab's FID is {ours / best_peer:.3f} of "
-                f"the better peer's (target at most 0.25).\n\n" + markdown_table(header, rows) + "\n")
+                f"the better peer's (target at most 0.25).{edm}\n\n" + markdown_table(header, rows) + "\n")
     write_results(f"fmnist_budget_n{args.n}", {"results": results, "best_peer_fid": best_peer,
                                                 "command": command_line(), "machine": machine_info()}, markdown)
     for c in CONTESTANTS:                                            # the first 64 samples, as scored
-        if c not in results:
+        first = sorted((args.runs / c / f"samples_nfe{NFE}").glob("000000-*.npz"))
+        if c not in results or not first:
             continue
-        with np.load(sorted((args.runs / c / f"samples_nfe{NFE}").glob("000000-*.npz"))[0]) as part:
+        with np.load(first[0]) as part:
             images = torch.from_numpy(part["images"][:64])
         if images.shape[-1] == 32:                                   # the peers' padding, cropped
             images = images[..., 2:30, 2:30]

@@ -65,7 +65,7 @@ def main() -> None:
                                           steps=steps_for_nfe(name, nfe, args.langevin_steps), batch_size=250,
                                           **extra)
             start = time.perf_counter()
-            images = to_uint8_images(sample(loaded.denoiser, loaded.config, args.n, options, progress=True))
+            images = to_uint8_images(sample(loaded, args.n, options, progress=True))
             seconds = time.perf_counter() - start
             metrics = score_images(images, None, EvalOptions(n=args.n, progress=False))["metrics"]
             data["rows"][key] = {"sampler": label, "nfe": nfe, "steps": options.steps, **extra,

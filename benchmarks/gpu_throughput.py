@@ -14,7 +14,7 @@ alternating rounds (A B, B A, ...) after untimed warm-up steps. The first step i
 ``compile`` it holds the compilation. Reported: images/s from the median step, the first step's
 seconds and the peak GPU memory of each model's first steps.
 
-A third row, "difflab Trainer", times ``difflab.train.Trainer.train_step`` itself on a folder of random
+A third row, "difflab Trainer", times ``difflab.train.trainer.Trainer.train_step`` itself on a folder of random
 32x32 PNGs with the same network and switches: everything a real step does besides the network (the
 step's batch, timesteps and noise drawn on the CPU as a function of (seed, step), gradient clipping,
 the EMA update, the loss read back). Leave it out with ``--no-trainer``.
@@ -30,6 +30,7 @@ Results are written after every variant, so a run cut short keeps what it measur
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import tempfile
@@ -52,7 +53,7 @@ import diffusers  # noqa: E402  (train_throughput has already exited with a hint
 from difflab.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from difflab.nets import UNet, UNetConfig  # noqa: E402
 from difflab.train.precision import Precision  # noqa: E402
-from difflab.train.trainer import Trainer  # noqa: E402
+from difflab.train.diffusion import diffusion_trainer  # noqa: E402
 
 CIFAR_DDPM = UNetConfig(in_channels=3, image_size=32, model_channels=128, channel_mult=(1, 2, 2, 2),
                         num_res_blocks=2, attention_resolutions=(16,), num_heads=4, dropout=0.1)
@@ -157,11 +158,11 @@ def make_trainer_step(cfg: UNetConfig, args: argparse.Namespace, variant: Varian
     """``Trainer.train_step`` of a difflab run with this network and these switches (writes no files)."""
     config = Config(
         data=DataConfig(dataset="folder", path=str(folder), image_size=cfg.image_size, channels=cfg.in_channels),
-        model=ModelConfig(kind="unet", unet=cfg),
+        model=ModelConfig(kind="unet", options=dataclasses.asdict(cfg)),
         train=TrainConfig(out_dir=str(folder / "run"), batch_size=args.batch, lr=LEARNING_RATE, warmup_steps=1,
                           seed=args.seed, device=args.device, precision=variant.precision, compile=variant.compile,
                           channels_last=variant.channels_last))
-    return Trainer(config, progress=False).train_step
+    return diffusion_trainer(config, progress=False).train_step
 
 
 def first_step(step, device: str) -> dict:

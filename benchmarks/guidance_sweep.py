@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, command_line, machine_info, markdown_table, write_results  # noqa: E402
 
 from difflab.data import load_fashion_mnist, to_uint8_images  # noqa: E402
-from difflab.pipelines.ddpm import load_model, sample  # noqa: E402
+from difflab.pipelines.ddpm import class_condition, load_model, sample  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, balanced_labels, score_images  # noqa: E402
 
 CFG_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -58,7 +58,7 @@ def run_setting(loaded, n: int, steps: int, labels: torch.Tensor, **overrides) -
     options = dataclasses.replace(loaded.config.sample, sampler="ddim", steps=steps, spacing="logsnr",
                                   sigma_max=SIGMA_MAX, eta=0.0, batch_size=250, **overrides)
     start = time.perf_counter()
-    samples = sample(loaded.denoiser, loaded.config, n, options, labels, progress=True)
+    samples = sample(loaded, n, options, class_condition(labels), progress=True)
     seconds = time.perf_counter() - start
     metrics = score_images(to_uint8_images(samples), labels, EvalOptions(n=n, progress=False))["metrics"]
     keep = ("fid", "kid", "precision", "recall", "class_accuracy")

@@ -41,7 +41,7 @@ from difflab.pipelines.ddpm import load_model  # noqa: E402
 from difflab.data import load_fashion_mnist  # noqa: E402
 from difflab.metrics.likelihood import bits_per_dim  # noqa: E402
 from difflab.pipelines.evaluate import EvalOptions, draw_samples, score_images  # noqa: E402
-from difflab.train.trainer import Trainer  # noqa: E402
+from difflab.train.diffusion import diffusion_trainer  # noqa: E402
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "fashion_mnist.yaml"
 MODEL = ["model.unet.model_channels=16", "model.unet.channel_mult=[1, 2, 2]"]
@@ -69,7 +69,7 @@ def train(name: str, out_dir: Path, steps: int) -> Path:
     if resume and load_checkpoint(path).state["step"] >= steps:
         return path
     start = time.perf_counter()
-    Trainer(config, resume=resume).run()
+    diffusion_trainer(config, resume=resume).run()
     print(f"{name}: trained {steps} steps in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return path
 
@@ -93,9 +93,9 @@ def evaluate(name: str, checkpoint: Path, n: int, n_full: int, nll: int, sample_
                                                    "seconds": time.perf_counter() - start}
             record_path.write_text(json.dumps(record, indent=1))
         for steps in sample_steps:
-            count = n_full if steps >= len(loaded.denoiser.schedule) else n
+            count = n_full if steps >= len(loaded.denoiser.precond.schedule) else n
             key = f"{variance}/{steps}/{count}"
-            if key in record["fid"] or (variance == "beta_tilde" and steps >= len(loaded.denoiser.schedule)):
+            if key in record["fid"] or (variance == "beta_tilde" and steps >= len(loaded.denoiser.precond.schedule)):
                 continue
             sampling = dataclasses.replace(loaded.config.sample, sampler="ancestral", steps=steps,
                                            variance=variance if variance != "learned" else "beta", batch_size=250)

@@ -5,7 +5,7 @@ eps model of an 8-component ring mixture (``difflab.references``), on the same l
 
 - difflab: every sigma-space sampler (``ddim``, ``euler``, ``heun``, ``dpmpp-2m``, ``unipc``, ``euler-ancestral``) with
   every spacing (karras, logsnr, uniform, leading, trailing) over the schedule's whole sigma range, through
-  ``SigmaDenoiser``; ``ancestral`` on the uniformly respaced chain. Two more rows, marked "tuned here", stop
+  the ``Denoiser`` D(x; sigma) of a ``VPPrecond``; ``ancestral`` on the uniformly respaced chain. Two more rows, marked "tuned here", stop
   the karras / logsnr grids of ``dpmpp-2m`` at sigma_min = 0.05 (a bigger final denoising step), a value
   picked by looking at this benchmark's results at 10 NFE. Rows marked "held-out sigma_min" stop the logsnr
   grid of ``dpmpp-2m`` and ``unipc`` at a sigma_min chosen on a *different* problem before this one is run
@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, machine_info, markdown_table, write_results  # noqa: E402
 
-from difflab.denoiser import Denoiser, SigmaDenoiser  # noqa: E402
+from difflab.denoiser import Denoiser, VPPrecond  # noqa: E402
 from difflab.metrics import sliced_wasserstein  # noqa: E402
 from difflab.references import ExactEpsNet, GaussianMixture  # noqa: E402
 from difflab.samplers import (SAMPLERS, SPACINGS, CountingModel, PerSampleNoise, build_sigmas,  # noqa: E402
@@ -77,13 +77,11 @@ def difflab_run(name: str, spacing: str, nfe: int, net: ExactEpsNet, seeds: list
     steps = steps_for_nfe(name, nfe, SCORE_LANGEVIN_STEPS)
     options = {"langevin_steps": SCORE_LANGEVIN_STEPS} if name in SCORE_SAMPLERS else {}
     noise = PerSampleNoise(seeds)
+    model = CountingModel(Denoiser(net, VPPrecond(schedule, "eps")))      # D(x; sigma), x0 never clipped
     if name == "ancestral":
-        model = CountingModel(Denoiser(net, schedule))
         x = noise.randn((2,))
-        out = sample_ancestral(model, x, schedule.respace(space_timesteps(len(schedule), steps)), noise,
-                               clip_x0=False)
+        out = sample_ancestral(model, x, schedule.respace(space_timesteps(len(schedule), steps)), noise)
     else:
-        model = CountingModel(SigmaDenoiser(Denoiser(net, schedule)))
         sigmas = build_sigmas(schedule, steps, spacing, sigma_min=sigma_min)
         x = noise.randn((2,)) * prior_std(sigmas)
         out = SAMPLERS[name](model, x, sigmas, noise, **options)

@@ -6,7 +6,7 @@ import torch
 from difflab.checkpoint import load_checkpoint, save_checkpoint
 from difflab.config import load_config
 from difflab.errors import DifflabError
-from difflab.train.trainer import Trainer
+from difflab.train.diffusion import diffusion_trainer
 
 
 def toy_config(out_dir, steps=40, **extra):
@@ -42,11 +42,11 @@ def assert_identical(a, b):
 @pytest.mark.parametrize("kind", ["toy", "image"])
 def test_resume_is_bit_exact(tmp_path, image_folder, kind):
     make = (lambda d, s: toy_config(d, s)) if kind == "toy" else (lambda d, s: image_config(d, image_folder, s))
-    full = Trainer(make(tmp_path / "full", 10 if kind == "image" else 40), progress=False)
+    full = diffusion_trainer(make(tmp_path / "full", 10 if kind == "image" else 40), progress=False)
     full.run()
-    first = Trainer(make(tmp_path / "split", 4 if kind == "image" else 17), progress=False)
+    first = diffusion_trainer(make(tmp_path / "split", 4 if kind == "image" else 17), progress=False)
     first.run()
-    second = Trainer(make(tmp_path / "split", 10 if kind == "image" else 40), resume=True, progress=False)
+    second = diffusion_trainer(make(tmp_path / "split", 10 if kind == "image" else 40), resume=True, progress=False)
     assert second.step == first.step
     second.run()
     assert_identical(parameters(full), parameters(second))
@@ -59,7 +59,7 @@ def test_resume_is_bit_exact(tmp_path, image_folder, kind):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    trainer = Trainer(toy_config(tmp_path / "run", steps=5), progress=False)
+    trainer = diffusion_trainer(toy_config(tmp_path / "run", steps=5), progress=False)
     trainer.run()
     checkpoint = load_checkpoint(tmp_path / "run")
     assert checkpoint.state["step"] == 5 and checkpoint.config == trainer.config
@@ -70,21 +70,21 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_resume_refuses_missing_checkpoint(tmp_path):
     with pytest.raises(DifflabError, match="does not exist"):
-        Trainer(toy_config(tmp_path / "nothing"), resume=True, progress=False)
+        diffusion_trainer(toy_config(tmp_path / "nothing"), resume=True, progress=False)
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    Trainer(toy_config(tmp_path / "run", steps=3), progress=False).run()
+    diffusion_trainer(toy_config(tmp_path / "run", steps=3), progress=False).run()
     with pytest.raises(DifflabError, match="model.mlp.hidden"):
-        Trainer(toy_config(tmp_path / "run", **{"model.mlp.hidden": 64}), resume=True, progress=False)
+        diffusion_trainer(toy_config(tmp_path / "run", **{"model.mlp.hidden": 64}), resume=True, progress=False)
     with pytest.raises(DifflabError, match="train.lr"):
-        Trainer(toy_config(tmp_path / "run", **{"train.lr": 0.1}), resume=True, progress=False)
+        diffusion_trainer(toy_config(tmp_path / "run", **{"train.lr": 0.1}), resume=True, progress=False)
     # more steps is allowed
-    Trainer(toy_config(tmp_path / "run", steps=6), resume=True, progress=False)
+    diffusion_trainer(toy_config(tmp_path / "run", steps=6), resume=True, progress=False)
 
 
 def test_corrupt_and_truncated_checkpoints_are_named(tmp_path):
-    trainer = Trainer(toy_config(tmp_path / "run", steps=2), progress=False)
+    trainer = diffusion_trainer(toy_config(tmp_path / "run", steps=2), progress=False)
     trainer.run()
     path = tmp_path / "run" / "checkpoint.safetensors"
     data = path.read_bytes()
@@ -99,7 +99,7 @@ def test_corrupt_and_truncated_checkpoints_are_named(tmp_path):
 
 
 def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(toy_config(tmp_path / "run", steps=2), progress=False)
+    trainer = diffusion_trainer(toy_config(tmp_path / "run", steps=2), progress=False)
     trainer.run()
     path = tmp_path / "run" / "checkpoint.safetensors"
     good = path.read_bytes()
@@ -130,5 +130,5 @@ def interrupt_at(trainer, step, monkeypatch):
 
 
 def test_interrupt_writes_a_checkpoint(tmp_path, monkeypatch):
-    interrupt_at(Trainer(toy_config(tmp_path / "run", steps=50), progress=False), 7, monkeypatch)
+    interrupt_at(diffusion_trainer(toy_config(tmp_path / "run", steps=50), progress=False), 7, monkeypatch)
     assert load_checkpoint(tmp_path / "run").state["step"] == 7

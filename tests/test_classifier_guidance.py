@@ -13,14 +13,15 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from difflab.build import build_data, build_denoiser, build_schedule
-from difflab.classifier_guidance import AncestralMeanShift, ClassifierGuidance, log_prob_grad
+from difflab.build import build_data, build_model, build_schedule
+from difflab.classifier_guidance import ClassifierGuidance, log_prob_grad
 from difflab.cli import main
+from difflab.conditioning import Cond
 from difflab.config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig, to_dict
-from difflab.denoiser import Denoiser, t_to_sigma, to_prediction
+from difflab.denoiser import Denoiser, VPPrecond, t_to_sigma
 from difflab.errors import DifflabError
 from difflab.nets import NoisyClassifier, NoisyClassifierConfig, UNet, UNetConfig
-from difflab.pipelines.ddpm import sample
+from difflab.pipelines.ddpm import guided as guided_model, sample
 from difflab.references import ExactEpsNet, GaussianMixture
 from difflab.samplers import generate, sample_ancestral
 from difflab.schedules import NoiseSchedule, space_timesteps
@@ -29,10 +30,37 @@ from difflab.train.classifier import (ClassifierExperiment, ClassifierTrainConfi
                                       save_noisy_classifier, train_noisy_classifier)
 
 SCHEDULE = NoiseSchedule.from_name("cosine", 1000)
+CLASSIFIER_PRECOND = VPPrecond(SCHEDULE)          # the classifiers below take x_t and t of SCHEDULE
 
 
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
     return 1 / (1 + t_to_sigma(SCHEDULE.sigmas.log(), torch.as_tensor(t)) ** 2)
+
+
+def sigma_of(t: torch.Tensor) -> torch.Tensor:
+    return t_to_sigma(SCHEDULE.sigmas.log(), torch.as_tensor(t))
+
+
+def ve(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x = x_t / sqrt(alpha-bar_t): the denoiser's VE-scaled input for the VP sample x_t."""
+    return xt / alpha_bar(t).sqrt().reshape(-1, *([1] * (xt.ndim - 1)))
+
+
+# The old (pre-D) closed-form conversions of a network output of ``kind`` at x_t (VP) and alpha-bar.
+def old_x0(kind, xt, abar, out):
+    if kind == "eps":
+        return (xt - (1 - abar).sqrt() * out) / abar.sqrt()
+    if kind == "x0":
+        return out
+    return abar.sqrt() * xt - (1 - abar).sqrt() * out                    # v
+
+
+def old_eps(kind, xt, abar, out):
+    if kind == "eps":
+        return out
+    if kind == "x0":
+        return (xt - abar.sqrt() * out) / (1 - abar).sqrt()
+    return (1 - abar).sqrt() * xt + abar.sqrt() * out                    # v
 
 
 class QuadraticClassifier(torch.nn.Module):
@@ -53,14 +81,14 @@ class QuadraticClassifier(torch.nn.Module):
 
 
 class FixedNet(torch.nn.Module):
-    """A deterministic stand-in network with ``out`` channels, recording the labels it receives."""
+    """A deterministic stand-in network with ``out`` channels, recording the condition records it receives."""
 
     def __init__(self, out_channels: int):
         super().__init__()
         self.out_channels, self.labels = out_channels, []
 
-    def forward(self, x, t, y=None):
-        self.labels.append(y)
+    def forward(self, x, t, cond=None):
+        self.labels.append(cond)
         base = torch.cat([x, x.flip(-1)], dim=1)[:, :self.out_channels]
         return 0.3 * base.sin() + 1e-3 * t.to(x.dtype).reshape(-1, 1, 1, 1)
 
@@ -86,42 +114,87 @@ def test_log_prob_grad_is_the_analytic_gradient_even_under_no_grad():
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 @pytest.mark.parametrize("out_channels", [2, 4])
 def test_guided_eps_in_every_parameterisation(kind, out_channels):
-    classifier, x, t, y = quadratic_setup()
+    # Alg. 2 on D: D^ = D + sigma^2 s grad_x log p(y | x), which is the old eps^ = eps - sqrt(1 - abar) s
+    # grad_{x_t} log p(y | x_t) converted to x0 (grad_x = sqrt(abar) grad_{x_t}).
+    classifier, xt, t, y = quadratic_setup()
     net, scale = FixedNet(out_channels), 2.5
-    guided = ClassifierGuidance(net, classifier, SCHEDULE, kind, scale, conditional_net=False)
-    plain = net(x, t)
+    denoiser = Denoiser(net, VPPrecond(SCHEDULE, kind), learned_variance=out_channels == 4)
+    guided = ClassifierGuidance(denoiser, classifier, CLASSIFIER_PRECOND, scale)
+    x, sigma, cond = ve(xt, t), sigma_of(t), Cond(label=y)
+    plain = denoiser.output(x, sigma, cond)
+    raw = net(xt, t)
     with torch.no_grad():
-        out = guided(x, t, y)
-    assert out.shape == plain.shape
+        out = guided.output(x, sigma, cond)
+    assert out.x0.shape == plain.x0.shape == x.shape
     abar = alpha_bar(t).reshape(-1, 1, 1, 1)
-    expected = to_prediction(kind, x, abar, plain[:, :2]).eps - (1 - abar).sqrt() * scale * classifier.grad(x, t, y)
-    assert torch.allclose(to_prediction(kind, x, abar, out[:, :2]).eps, expected, atol=1e-10)
-    assert torch.equal(out[:, 2:], plain[:, 2:])                         # the learned variance is untouched
-    assert torch.equal(guided(x, t), plain)                              # no label: the plain output
-    assert torch.equal(ClassifierGuidance(net, classifier, SCHEDULE, kind, 0.0, conditional_net=False)(x, t, y),
-                       plain)
+    grad = classifier.grad(xt, t, y)                                     # grad_{x_t} log p(y | x_t, t)
+    expected = old_eps(kind, xt, abar, raw[:, :2]) - (1 - abar).sqrt() * scale * grad
+    assert torch.allclose((x - out.x0) / sigma.reshape(-1, 1, 1, 1), expected, atol=1e-10)   # eps of D^
+    assert torch.allclose(out.x0, old_x0("eps", xt, abar, expected), atol=1e-10)
+    assert torch.allclose(out.x0, plain.x0 + sigma.reshape(-1, 1, 1, 1) ** 2 * scale * abar.sqrt() * grad,
+                          atol=1e-10)
+    if out_channels == 4:
+        assert torch.equal(out.variance, plain.variance)                 # the learned variance is untouched
+        assert torch.allclose(out.variance, raw[:, 2:], atol=1e-12)     # the raw second half
+    else:
+        assert out.variance is None
+    no_label = guided.output(x, sigma)                                   # no record: the plain output
+    assert torch.equal(no_label.x0, denoiser(x, sigma))
+    zero = ClassifierGuidance(denoiser, classifier, CLASSIFIER_PRECOND, 0.0).output(x, sigma, cond)
+    assert torch.equal(zero.x0, plain.x0)
 
 
 def test_guided_eps_at_integer_timesteps_uses_the_schedules_alpha_bar():
     # Eq. 14 written out with alphas_cumprod[t] (the real-t interpolation must agree at integers)
-    classifier, x, _, y = quadratic_setup()
+    classifier, xt, _, y = quadratic_setup()
     t = torch.tensor([0, 1, 500, 999])
     net = FixedNet(2)
-    out = ClassifierGuidance(net, classifier, SCHEDULE, "eps", 3.0, conditional_net=False)(x, t, y)
     abar = SCHEDULE.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    assert torch.allclose(out, net(x, t) - (1 - abar).sqrt() * 3.0 * classifier.grad(x, t.double(), y), atol=1e-10)
+    sigma = SCHEDULE.sigmas[t]
+    x = xt / abar.sqrt()
+    denoiser = Denoiser(net, VPPrecond(SCHEDULE, "eps"))
+    out = ClassifierGuidance(denoiser, classifier, CLASSIFIER_PRECOND, 3.0)(x, sigma, Cond(label=y))
+    expected = net(xt, t) - (1 - abar).sqrt() * 3.0 * classifier.grad(xt, t.double(), y)
+    assert torch.allclose((x - out) / sigma.reshape(-1, 1, 1, 1), expected, atol=1e-10)   # eps of D^
+    assert torch.allclose(out, (xt - (1 - abar).sqrt() * expected) / abar.sqrt(), atol=1e-10)
 
 
-def test_labels_reach_a_conditional_net_and_always_the_classifier():
-    classifier, x, t, y = quadratic_setup()
-    for conditional in (False, True):
-        net = FixedNet(2)
-        ClassifierGuidance(net, classifier, SCHEDULE, "eps", 1.0, conditional_net=conditional)(x, t, y)
-        assert (net.labels[0] is y) == conditional and (net.labels[0] is None) != conditional
-    with pytest.raises(DifflabError, match="channels"):
-        ClassifierGuidance(FixedNet(3), classifier, SCHEDULE, "eps", 1.0, conditional_net=False)(x, t, y)
+class RecordingClassifier(torch.nn.Module):
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier, self.calls = classifier, []
+
+    def forward(self, x, t):
+        self.calls.append((x.detach(), t))
+        return self.classifier(x, t)
+
+
+def test_labels_reach_the_net_and_always_the_classifier():
+    # The denoiser (conditional or not) gets the whole record; the classifier gets its label field, at its
+    # own inputs x_t = c_in x and t = c_noise; a network with the wrong number of channels is refused.
+    classifier, xt, t, y = quadratic_setup()
+    net, recording = FixedNet(2), RecordingClassifier(classifier)
+    cond = Cond(label=y)
+    guided = ClassifierGuidance(Denoiser(net, VPPrecond(SCHEDULE, "eps")), recording, CLASSIFIER_PRECOND, 1.0)
+    out = guided(ve(xt, t), sigma_of(t), cond)
+    assert net.labels[0] is cond
+    (x_in, t_in), = recording.calls
+    assert torch.allclose(x_in, xt, atol=1e-12) and torch.allclose(t_in, t.double(), atol=1e-9)
+    # the classifier scored the record's labels: the correction is its gradient for exactly those labels
+    abar = alpha_bar(t).reshape(-1, 1, 1, 1)
+    expected = net(xt, t) - (1 - abar).sqrt() * classifier.grad(xt, t, y)
+    assert torch.allclose((ve(xt, t) - out) / sigma_of(t).reshape(-1, 1, 1, 1), expected, atol=1e-10)
+    # another field name: the label is read from there
+    renamed = ClassifierGuidance(Denoiser(FixedNet(2), VPPrecond(SCHEDULE, "eps")), classifier, CLASSIFIER_PRECOND,
+                                 1.0, label="target")
+    torch.testing.assert_close(renamed(ve(xt, t), sigma_of(t), Cond(target=y)), out, rtol=0, atol=1e-10)
+    # a record without the guided field is not guided
+    assert torch.equal(guided(ve(xt, t), sigma_of(t), Cond(target=y)), guided.inner(ve(xt, t), sigma_of(t)))
     with pytest.raises(DifflabError, match="prediction"):
-        ClassifierGuidance(FixedNet(2), classifier, SCHEDULE, "score", 1.0, conditional_net=False)
+        ClassifierGuidance(Denoiser(FixedNet(2), VPPrecond(SCHEDULE, "score")), classifier, CLASSIFIER_PRECOND, 1.0)
+    with pytest.raises(DifflabError, match="channels"):
+        ClassifierGuidance(Denoiser(FixedNet(3), VPPrecond(SCHEDULE, "eps")), classifier, CLASSIFIER_PRECOND,
+                           1.0)(ve(xt, t), sigma_of(t), cond)
 
 
 # -- the exact Gaussian mixture: its class posteriors are an exact noise-aware classifier -------------------
@@ -138,38 +211,54 @@ MIXTURE = GaussianMixture(torch.tensor([[-1.0, 0.3], [0.8, 0.0], [0.0, -1.2]]), 
                           torch.tensor([0.5, 0.3, 0.2]))
 
 
-def test_scale_one_on_the_exact_model_is_the_exact_conditional_model():
-    # Bayes: grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t), at integer and real t
-    net, classifier = ExactEpsNet(MIXTURE, SCHEDULE), ExactClassifier(MIXTURE)
-    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
-    t, y = torch.tensor([0.0, 3.5, 100.0, 500.25, 850.0, 999.0]), torch.tensor([0, 1, 2, 0, 1, 2])
-    guided = ClassifierGuidance(net, classifier, SCHEDULE, "eps", 1.0, conditional_net=False)(x, t, y)
-    assert torch.allclose(guided, net(x, t, y), atol=1e-8)
-    assert not torch.allclose(guided, net(x, t), atol=1e-3)
-    # the same identity in score form for the ancestral mean shift (Alg. 1)
-    abar = alpha_bar(t)
-    shift = AncestralMeanShift(classifier, 2.0)(x, t, y)
-    assert torch.allclose(shift, 2.0 * (MIXTURE.score(x, abar, y) - MIXTURE.score(x, abar)), atol=1e-8)
-    assert torch.equal(AncestralMeanShift(classifier, 0.0)(x, t, y), torch.zeros_like(x))
-
-
 class Unconditional(torch.nn.Module):
+    """The exact model's network without its label: the unconditional model (the label reaches only the
+    classifier)."""
+
     def __init__(self, net):
         super().__init__()
         self.net = net
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, cond=None):
         return self.net(x, t)
+
+
+def exact_denoiser(mixture, conditional=False) -> Denoiser:
+    net = ExactEpsNet(mixture, SCHEDULE)
+    return Denoiser(net if conditional else Unconditional(net), VPPrecond(SCHEDULE, "eps"))
+
+
+def test_scale_one_on_the_exact_model_is_the_exact_conditional_model():
+    # Bayes: grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t), at integer and real t
+    unconditional, conditional = exact_denoiser(MIXTURE), exact_denoiser(MIXTURE, conditional=True)
+    classifier = ExactClassifier(MIXTURE)
+    xt = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    t, y = torch.tensor([0.0, 3.5, 100.0, 500.25, 850.0, 999.0]), torch.tensor([0, 1, 2, 0, 1, 2])
+    x, sigma, cond = ve(xt, t), sigma_of(t), Cond(label=y)
+    guided = ClassifierGuidance(unconditional, classifier, CLASSIFIER_PRECOND, 1.0)(x, sigma, cond)
+    assert torch.allclose(guided, conditional(x, sigma, cond), atol=1e-8)
+    assert not torch.allclose(guided, unconditional(x, sigma, cond), atol=1e-3)
+    # the same identity in eps form (the old test's): eps^ = the exact conditional eps
+    assert torch.allclose((x - guided) / sigma[:, None], ExactEpsNet(MIXTURE, SCHEDULE)(xt, t, cond), atol=1e-8)
+    # and in score form: (D^ - D) / sigma^2 = s grad_x log p(y | x) = s sqrt(abar) (score(x_t | y) - score(x_t))
+    abar = alpha_bar(t)
+    shifted = ClassifierGuidance(unconditional, classifier, CLASSIFIER_PRECOND, 2.0)(x, sigma, cond)
+    shift = (shifted - unconditional(x, sigma, cond)) / sigma[:, None] ** 2
+    assert torch.allclose(shift, 2.0 * abar.sqrt()[:, None] * (MIXTURE.score(xt, abar, y) - MIXTURE.score(xt, abar)),
+                          atol=1e-8)
+    # scale 0: D unchanged
+    assert torch.equal(ClassifierGuidance(unconditional, classifier, CLASSIFIER_PRECOND, 0.0)(x, sigma, cond),
+                       unconditional(x, sigma, cond))
 
 
 TWO_CLASSES = GaussianMixture(torch.tensor([[-0.4, 0.0], [0.4, 0.0]]), torch.tensor([0.4, 0.4]))
 
 
-def fraction_favouring_class_0(denoiser, n=2000, **sampler_options) -> float:
-    """Ancestral samples (100 steps) with label 0; the fraction whose exact p(0 | x) exceeds 1/2."""
+def fraction_favouring_class_0(denoiser, n=2000, cond=None, **sampler_options) -> float:
+    """Ancestral samples (100 steps) with label 0 (or ``cond``); the fraction whose exact p(0 | x) exceeds 1/2."""
     grid = SCHEDULE.respace(space_timesteps(1000, 100))
-    labels = torch.zeros(n, dtype=torch.long)
-    x = generate(sample_ancestral, denoiser, grid, (2,), range(n), batch_size=n, labels=labels, clip_x0=False,
+    cond = Cond(label=torch.zeros(n, dtype=torch.long)) if cond is None else cond
+    x = generate(sample_ancestral, denoiser, grid, (2,), range(n), batch_size=n, cond=cond,
                  variance="beta_tilde", dtype=torch.float64, **sampler_options)
     return (TWO_CLASSES.class_posterior(x)[:, 0] > 0.5).double().mean().item()
 
@@ -177,10 +266,9 @@ def fraction_favouring_class_0(denoiser, n=2000, **sampler_options) -> float:
 def test_guidance_raises_the_target_class_posterior_of_samples():
     # Two overlapping classes; the unconditional model guided towards class 0 (Alg. 2). s = 0: half the
     # samples favour class 0; s = 1: the exact conditional model; s = 4: sharper still.
-    net, classifier = ExactEpsNet(TWO_CLASSES, SCHEDULE), ExactClassifier(TWO_CLASSES)
-    fractions = [fraction_favouring_class_0(Denoiser(
-        ClassifierGuidance(net, classifier, SCHEDULE, "eps", scale, conditional_net=False), SCHEDULE))
-        for scale in (0.0, 1.0, 4.0)]
+    denoiser, classifier = exact_denoiser(TWO_CLASSES), ExactClassifier(TWO_CLASSES)
+    fractions = [fraction_favouring_class_0(ClassifierGuidance(denoiser, classifier, CLASSIFIER_PRECOND, scale))
+                 for scale in (0.0, 1.0, 4.0)]
     assert fractions[0] < fractions[1] < fractions[2]
     assert fractions[0] == pytest.approx(0.5, abs=0.05)
     x, labels = TWO_CLASSES.sample(20000, torch.Generator().manual_seed(1), return_labels=True)
@@ -189,12 +277,16 @@ def test_guidance_raises_the_target_class_posterior_of_samples():
     assert fractions[2] > exact + 0.05
 
 
-def test_ancestral_mean_shift_in_the_sampler():
-    # Alg. 1 through the ancestral sampler's hook: mean + sigma_t^2 s grad log p(y | x_t), on the exact
-    # unconditional model (the label reaches only the classifier).
-    denoiser = Denoiser(Unconditional(ExactEpsNet(TWO_CLASSES, SCHEDULE)), SCHEDULE)
-    fractions = [fraction_favouring_class_0(denoiser, n=1000,
-                                            classifier_grad=AncestralMeanShift(ExactClassifier(TWO_CLASSES), scale))
+def test_guided_ancestral_sampler_on_the_null_label_of_a_conditional_model():
+    # (Replaces Alg. 1's mean shift in the ancestral sampler, which is gone: the ancestral chain now samples
+    # the guided D.) The exact *conditional* model at its null label (2) is the unconditional model; the
+    # classifier reads its target from another field, so the label reaches only the classifier.
+    n = 1000
+    denoiser = exact_denoiser(TWO_CLASSES, conditional=True)
+    cond = Cond(label=torch.full((n,), 2, dtype=torch.long), target=torch.zeros(n, dtype=torch.long))
+    fractions = [fraction_favouring_class_0(ClassifierGuidance(denoiser, ExactClassifier(TWO_CLASSES),
+                                                               CLASSIFIER_PRECOND, scale, label="target"),
+                                            n=n, cond=cond)
                  for scale in (0.0, 1.0, 4.0)]
     assert fractions[0] == pytest.approx(0.5, abs=0.05)
     assert fractions[1] == pytest.approx(0.84, abs=0.05)                 # about the exact conditional model
@@ -248,7 +340,7 @@ def test_unet_outputs_and_keys_unchanged_by_the_shared_encoder():
                         attention_resolutions=(4,), num_heads=2, groups=4, num_classes=3, out_channels=4)
     net = fill(UNet(config)).eval()
     x = torch.cos(torch.arange(2 * 2 * 8 * 8, dtype=torch.float32) * 0.11).reshape(2, 2, 8, 8)
-    out = net(x, torch.tensor([2.5, 600.0]), torch.tensor([0, 3])).double()
+    out = net(x, torch.tensor([2.5, 600.0]), Cond(label=torch.tensor([0, 3]))).double()
     # golden values from the U-Net before the encoder was shared with the classifier
     assert out.sum().item() == pytest.approx(11.533649349803454, rel=1e-5)
     assert out.abs().sum().item() == pytest.approx(23.052979769257945, rel=1e-5)
@@ -258,7 +350,7 @@ def test_unet_outputs_and_keys_unchanged_by_the_shared_encoder():
         "time_embed", "label_embed", "input_conv", "down", "middle", "up", "out_norm", "out_conv"}
     fresh = UNet(config)
     fresh.load_state_dict(net.state_dict())
-    assert torch.equal(fresh.eval()(x, torch.tensor([2.5, 600.0]), torch.tensor([0, 3])).double(), out)
+    assert torch.equal(fresh.eval()(x, torch.tensor([2.5, 600.0]), Cond(label=torch.tensor([0, 3]))).double(), out)
 
 
 def test_classifier_and_unet_share_the_encoder():
@@ -384,29 +476,47 @@ def test_training_needs_labelled_images(tmp_path):
 
 # -- the pipeline and the command line -----------------------------------------------------------------------
 def test_pipeline_and_cli_guide_with_a_trained_classifier_file(fake_fashion_mnist, tmp_path):
-    """``difflab train-classifier`` writes a file; ``sample(..., classifier=...)`` guides ancestral (mean
-    shift) and sigma-space samplers (eps correction) with it; a schedule mismatch is refused by name."""
+    """``difflab train-classifier`` writes a file; ``sample(..., classifier=...)`` guides the ancestral and the
+    sigma-space samplers (both sample the corrected D) with it; the classifier is fed the inputs of its own
+    schedule, also for a model on another one (T = 50 against its T = 100)."""
 
     experiment = tiny_experiment(fake_fashion_mnist, tmp_path / "clf")
     (tmp_path / "clf.yaml").write_text(yaml.safe_dump(to_dict(experiment)))
     assert main(["train-classifier", str(tmp_path / "clf.yaml"), "--quiet", "--set", "train.steps=2"]) == 0
     path = str(tmp_path / "clf")
-    config = Config(data=DataConfig(dataset="fashion_mnist", image_size=28),
-                    model=ModelConfig(unet=UNetConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1,
-                                                   attention_resolutions=(), groups=4)),
-                    diffusion=DiffusionConfig(schedule="cosine", timesteps=100))
-    denoiser = build_denoiser(config).eval()
-    labels = torch.tensor([1, 2])
+
+    def model(timesteps):
+        config = Config(data=DataConfig(dataset="fashion_mnist", path=str(fake_fashion_mnist), image_size=28),
+                        model=ModelConfig("unet", {"model_channels": 8, "channel_mult": [1], "num_res_blocks": 1,
+                                                   "attention_resolutions": [], "groups": 4}),
+                        diffusion=DiffusionConfig(schedule="cosine", timesteps=timesteps))
+        denoiser, spec = build_model(config, build_data(config.data))
+        return denoiser.eval(), spec
+
+    denoiser, spec = model(100)
+    cond = Cond(label=torch.tensor([1, 2]))
     for sampler in ("ancestral", "ddim"):
-        plain = sample(denoiser, config, 2, SampleConfig(sampler=sampler, steps=5), labels)
-        guided = sample(denoiser, config, 2, SampleConfig(sampler=sampler, steps=5, classifier=path,
-                                                          classifier_scale=20.0), labels)
+        plain = sample(denoiser, 2, SampleConfig(sampler=sampler, steps=5), cond, spec=spec)
+        guided = sample(denoiser, 2, SampleConfig(sampler=sampler, steps=5, classifier=path,
+                                                  classifier_scale=20.0), cond, spec=spec)
         assert not torch.allclose(plain, guided, atol=1e-3), sampler
-    config.diffusion.timesteps = 50
-    with pytest.raises(DifflabError, match="T = 100"):
-        sample(denoiser, config, 2, SampleConfig(steps=5, classifier=path, classifier_scale=1.0), labels)
+    # (A schedule mismatch used to be refused.) A model on another schedule: the classifier is fed x_t and t of
+    # its own training schedule (T = 100) at the model's (T = 50) noise levels.
+    other, other_spec = model(50)
+    options = SampleConfig(sampler="ancestral", steps=5, classifier=path, classifier_scale=1.0, clip_x0=False)
+    wrapped = guided_model(other, other_spec, options, cond)
+    assert isinstance(wrapped, ClassifierGuidance)
+    own = build_schedule(experiment.diffusion)                          # the classifier's: cosine, T = 100
+    assert torch.equal(wrapped.classifier_precond.schedule.betas, own.betas)
+    sigmas = other.precond.schedule.sigmas
+    inside = (sigmas >= own.sigmas[0]) & (sigmas <= own.sigmas[-1])
+    assert inside.sum() > 40
+    _, _, c_in, c_noise = wrapped.classifier_precond.scalings(sigmas[inside])
+    torch.testing.assert_close(t_to_sigma(own.sigmas.log(), c_noise), sigmas[inside])   # the same noise level
+    torch.testing.assert_close(c_in, 1 / (1 + sigmas[inside] ** 2).sqrt())
+    assert torch.isfinite(sample(other, 2, options, cond, spec=other_spec)).all()
     with pytest.raises(DifflabError, match="--classifier"):
-        sample(denoiser, config, 2, SampleConfig(steps=5, classifier_scale=1.0), labels)
+        sample(denoiser, 2, SampleConfig(steps=5, classifier_scale=1.0), cond, spec=spec)
 
 
 def test_classifier_training_resumes_exactly(fake_fashion_mnist, tmp_path):
@@ -417,7 +527,7 @@ def test_classifier_training_resumes_exactly(fake_fashion_mnist, tmp_path):
 
     full = train_noisy_classifier(experiment(tmp_path / "full", 4), progress=False)
     train_noisy_classifier(experiment(tmp_path / "split", 2), progress=False)
-    with pytest.raises(DifflabError, match="another configuration"):
+    with pytest.raises(DifflabError, match=r"does not match the config: train\.lr"):
         train_noisy_classifier(experiment(tmp_path / "split", 4, lr=0.1), progress=False, resume=True)
     split = train_noisy_classifier(experiment(tmp_path / "split", 4), progress=False, resume=True)
     assert full.step == split.step == 4

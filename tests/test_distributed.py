@@ -18,7 +18,7 @@ from difflab.config import load_config
 from difflab.errors import DifflabError
 from difflab.train import distributed
 from difflab.train.distributed import DistributedContext
-from difflab.train.trainer import Trainer
+from difflab.train.diffusion import diffusion_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = dict(atol=1e-6, rtol=1e-5)
@@ -55,7 +55,7 @@ def rank_worker(rank: int, world_size: int, port: int, out_dir: Path, steps: int
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist = distributed.init("cpu", os.environ)
     try:
-        trainer = Trainer(toy_config(out_dir, steps, *extra), progress=False, dist=dist)
+        trainer = diffusion_trainer(toy_config(out_dir, steps, *extra), progress=False, dist=dist)
         trainer.run()
         torch.save(parameters(trainer), out_dir / f"rank{rank}.pt")
     finally:
@@ -64,7 +64,7 @@ def rank_worker(rank: int, world_size: int, port: int, out_dir: Path, steps: int
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
-    trainer = Trainer(toy_config(tmp_path_factory.mktemp("single")), progress=False)
+    trainer = diffusion_trainer(toy_config(tmp_path_factory.mktemp("single")), progress=False)
     result = trainer.run()
     return parameters(trainer), result
 
@@ -102,14 +102,14 @@ def test_torchrun_checkpoint_resumes_in_one_process(tmp_path, single_run):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("trained toy to step 4 on 2 ranks") == 1     # only rank 0 prints
-    resumed = Trainer(toy_config(out, 10), resume=True, progress=False)
+    resumed = diffusion_trainer(toy_config(out, 10), resume=True, progress=False)
     assert resumed.step == 4
     resumed.run()
     assert_close(parameters(resumed), single_run[0])
 
 
 def test_gradient_accumulation_matches_the_big_batch(tmp_path, single_run):
-    trainer = Trainer(toy_config(tmp_path, 10, "train.grad_accumulation=4"), progress=False)
+    trainer = diffusion_trainer(toy_config(tmp_path, 10, "train.grad_accumulation=4"), progress=False)
     result = trainer.run()
     assert_close(parameters(trainer), single_run[0])
     assert math.isclose(result.last_loss, single_run[1].last_loss, rel_tol=1e-5)
@@ -119,7 +119,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):       # no warm-up, so that the weights move away from their init
         config = toy_config(tmp_path / precision, 10, "train.warmup_steps=1", f"train.precision={precision}")
-        losses[precision] = Trainer(config, progress=False).run().last_loss
+        losses[precision] = diffusion_trainer(config, progress=False).run().last_loss
     assert math.isfinite(losses["bf16"]) and losses["bf16"] != losses["fp32"]     # autocast took effect
     assert math.isclose(losses["bf16"], losses["fp32"], rel_tol=0.01)
 
@@ -136,8 +136,8 @@ def test_checkpointing_and_channels_last_change_only_rounding(tmp_path, image_fo
                      "data.dataset=folder", f"data.path={image_folder}", "data.image_size=8",
                      "model.unet.model_channels=16", "model.unet.channel_mult=[1, 2]", "model.unet.num_res_blocks=1",
                      "model.unet.attention_resolutions=[4]", "model.unet.groups=8", f"model.unet.dropout={dropout}"]
-        return Trainer(load_config(ROOT / "configs/fashion_mnist.yaml", overrides + list(extra)), resume=resume,
-                       progress=False)
+        return diffusion_trainer(load_config(ROOT / "configs/fashion_mnist.yaml", overrides + list(extra)),
+                                 resume=resume, progress=False)
 
     def gradients(*extra):
         resumed = trainer(*extra, resume=True)            # these switches may change when a run is resumed
@@ -157,10 +157,10 @@ def test_checkpointing_and_channels_last_change_only_rounding(tmp_path, image_fo
 def test_layout_and_precision_errors(tmp_path):
     three_ranks = DistributedContext(rank=0, world_size=3)
     with pytest.raises(DifflabError, match="not divisible by 3 ranks"):
-        Trainer(toy_config(tmp_path), progress=False, dist=three_ranks)
+        diffusion_trainer(toy_config(tmp_path), progress=False, dist=three_ranks)
     with pytest.raises(DifflabError, match="grad_accumulation"):
-        Trainer(toy_config(tmp_path, 10, "train.grad_accumulation=5"), progress=False)
+        diffusion_trainer(toy_config(tmp_path, 10, "train.grad_accumulation=5"), progress=False)
     with pytest.raises(DifflabError, match="fp16.*CUDA"):
-        Trainer(toy_config(tmp_path, 10, "train.precision=fp16"), progress=False)
+        diffusion_trainer(toy_config(tmp_path, 10, "train.precision=fp16"), progress=False)
     with pytest.raises(DifflabError, match="needs model.kind 'unet'"):
-        Trainer(toy_config(tmp_path, 10, "train.gradient_checkpointing=true"), progress=False)
+        diffusion_trainer(toy_config(tmp_path, 10, "train.gradient_checkpointing=true"), progress=False)

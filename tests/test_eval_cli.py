@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from difflab.build import build_denoiser
+from difflab.build import build_data, build_model
 from difflab.checkpoint import save_checkpoint
 from difflab.cli import main
 from difflab.config import load_config
@@ -19,10 +19,15 @@ TINY_UNET = ["model.unet.model_channels=8", "model.unet.channel_mult=[1]", "mode
              "model.unet.attention_resolutions=[]", "model.unet.num_heads=1", "diffusion.timesteps=50"]
 
 
+def save_untrained(path, config, state):
+    """A checkpoint of the config's freshly initialised model, with its model description."""
+    denoiser, spec = build_model(config, build_data(config.data))
+    return save_checkpoint(path, config, state, denoiser.net, records={"model": spec.to_json()})
+
+
 def tiny_checkpoint(folder, *overrides):
     config = load_config(None, ["data.dataset=fashion_mnist", *TINY_UNET, *overrides])
-    denoiser = build_denoiser(config)
-    return save_checkpoint(folder / "checkpoint.safetensors", config, {"step": 7}, denoiser.net)
+    return save_untrained(folder / "checkpoint.safetensors", config, {"step": 7})
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,8 @@ def run_eval(capsys, *args):
 
 
 def test_eval_checkpoint_writes_a_report_beside_it(tmp_path, cache_dir, capsys):
-    checkpoint = tiny_checkpoint(tmp_path, "data.conditional=true")
+    # the config's sampler is used (SampleConfig's default is no longer ancestral: set it)
+    checkpoint = tiny_checkpoint(tmp_path, "data.conditional=true", "sample.sampler=ancestral")
     code, out, err = run_eval(capsys, checkpoint, "--n", 20, "--steps", 3, "--cache-dir", cache_dir,
                               "--nll", 2, "--save-samples", tmp_path / "drawn.npz")
     assert code == 0, err
@@ -96,7 +102,7 @@ def test_eval_bad_input(tmp_path, capsys):
     assert "either a checkpoint or --samples" in one_line_error(capsys)
     assert "--nll needs a checkpoint" in one_line_error(capsys, "--samples", tmp_path / "real.npz", "--nll", 3)
     toy = load_config("configs/toy.yaml", ["train.steps=1"])
-    save_checkpoint(tmp_path / "toy" / "checkpoint.safetensors", toy, {"step": 1}, build_denoiser(toy).net)
+    save_untrained(tmp_path / "toy" / "checkpoint.safetensors", toy, {"step": 1})
     assert "'toy'" in one_line_error(capsys, tmp_path / "toy")
 
 

@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from difflab.config import Config, DataConfig, SampleConfig
-from difflab.denoiser import Denoiser, t_to_sigma, to_prediction
+from difflab.build import build_model
+from difflab.conditioning import ClassLabel, Cond
+from difflab.config import Config, DataConfig, ModelConfig, SampleConfig
+from difflab.data import load_toy
+from difflab.denoiser import Denoiser, VPPrecond, t_to_sigma
 from difflab.errors import DifflabError
-from difflab.guidance import ClassifierFreeGuidance, ThresholdedNet, dynamic_threshold, static_threshold
+from difflab.guidance import ClassifierFreeGuidance, Thresholded, dynamic_threshold, static_threshold
 from difflab.nets import MLP, MLPConfig
 from difflab.pipelines.ddpm import sample
 from difflab.references import ExactEpsNet, GaussianMixture
@@ -21,9 +24,21 @@ class CountingNet(torch.nn.Module):
         super().__init__()
         self.net, self.calls = net, 0
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, cond=None):
         self.calls += 1
-        return self.net(x, t, y)
+        return self.net(x, t, cond)
+
+
+class Float64Output(torch.nn.Module):
+    """A float32 network seen in float64: the conversions to D (whose values reach 1 / sqrt(abar) ~ 157 at
+    t = 999) and the test's own closed forms then add no float32 rounding to the compared quantities."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t, cond=None):
+        return self.net(x.float(), t, cond).double()
 
 
 def random_mlp(classes=3):
@@ -31,46 +46,84 @@ def random_mlp(classes=3):
     net = MLP(MLPConfig(dim=2, hidden=16, depth=1, num_classes=classes))
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.3)
-    return net
+    return Float64Output(net)
+
+
+def labelled(net, kind="eps", classes=3, learned_variance=False) -> Denoiser:
+    return Denoiser(net, VPPrecond(SCHEDULE, kind), {"label": ClassLabel("label", 0.0, classes)}, learned_variance)
+
+
+# The old (pre-D) closed-form conversions of a network output of ``kind`` at x_t (VP) and alpha-bar.
+def old_x0(kind, xt, abar, out):
+    if kind == "eps":
+        return (xt - (1 - abar).sqrt() * out) / abar.sqrt()
+    if kind == "x0":
+        return out
+    return abar.sqrt() * xt - (1 - abar).sqrt() * out                    # v
+
+
+def old_eps(kind, xt, abar, out):
+    if kind == "eps":
+        return out
+    if kind == "x0":
+        return (xt - abar.sqrt() * out) / (1 - abar).sqrt()
+    return (1 - abar).sqrt() * xt + abar.sqrt() * out                    # v
+
+
+def at_timesteps(t):
+    """sigma, alpha-bar (B, 1) of (integer or real) timesteps t on SCHEDULE."""
+    sigma = t_to_sigma(SCHEDULE.sigmas.log(), torch.as_tensor(t))
+    return sigma, (1 / (1 + sigma ** 2))[:, None]
 
 
 def test_cfg_algebra_in_one_forward_pass():
     net = CountingNet(random_mlp())
-    x, t, y = torch.randn(5, 2), torch.tensor([1, 50, 300, 700, 999]), torch.tensor([0, 1, 2, 0, 1])
-    conditional, unconditional = net(x, t, y), net(x, t, torch.full_like(y, 3))
+    denoiser = labelled(net)
+    xt, t = torch.randn(5, 2, dtype=torch.float64), torch.tensor([1, 50, 300, 700, 999])
+    y = torch.tensor([0, 1, 2, 0, 1])
+    sigma, abar = at_timesteps(t)
+    x = xt / abar.sqrt()                                                  # VE-scaled
+    cond, null = Cond(label=y), Cond(label=torch.full_like(y, 3))
+    conditional, unconditional = net(xt, t, cond), net(xt, t, null)      # raw eps outputs F_c, F_u
+    d_c, d_u = denoiser(x, sigma, cond), denoiser(x, sigma, null)
     for w in (0.0, 0.5, 4.0):
-        guided = ClassifierFreeGuidance(net, w, null_label=3)
+        guided = ClassifierFreeGuidance(denoiser, w)
         net.calls = 0
-        out = guided(x, t, y)
+        out = guided(x, sigma, cond)
         assert net.calls == 1
-        assert torch.allclose(out, (1 + w) * conditional - w * unconditional, atol=1e-6)
+        assert torch.allclose(out, d_u + (1 + w) * (d_c - d_u), atol=1e-6)
+        # the old formula (1 + w) F_c - w F_u, converted to x0
+        assert torch.allclose(out, old_x0("eps", xt, abar, (1 + w) * conditional - w * unconditional), atol=1e-6)
 
 
-def test_cfg_is_exact_for_x0_and_v_networks():
-    # Guiding raw x0 or v outputs equals guiding the implied eps (the conversions are affine in the output).
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_cfg_is_exact_for_x0_and_v_networks(kind):
+    # Guiding D equals guiding the raw eps, x0 or v outputs (the conversions are affine in the output).
     net = random_mlp()
-    x, t, y = torch.randn(4, 2), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
-    abar = SCHEDULE.alphas_cumprod[t].float()[:, None]
+    xt, t, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
+    sigma, abar = at_timesteps(t)
+    x = xt / abar.sqrt()
     w = 2.0
-    for kind in ("x0", "v"):
-        eps = lambda out: to_prediction(kind, x, abar, out).eps
-        guided = eps(ClassifierFreeGuidance(net, w, 3)(x, t, y))
-        expected = (1 + w) * eps(net(x, t, y)) - w * eps(net(x, t, torch.full_like(y, 3)))
-        assert torch.allclose(guided, expected, atol=1e-5)
+    cond, null = Cond(label=y), Cond(label=torch.full_like(y, 3))
+    guided = ClassifierFreeGuidance(labelled(net, kind), w)(x, sigma, cond)
+    combined = (1 + w) * net(xt, t, cond) - w * net(xt, t, null)         # the old guided raw output
+    assert torch.allclose(guided, old_x0(kind, xt, abar, combined), atol=1e-5)
+    # and in eps form, the old assertion: eps of the guided D = (1 + w) eps_c - w eps_u
+    expected = (1 + w) * old_eps(kind, xt, abar, net(xt, t, cond)) - w * old_eps(kind, xt, abar, net(xt, t, null))
+    assert torch.allclose((x - guided) / sigma[:, None], expected, atol=1e-5)
 
 
 def test_guidance_raises_the_target_class_likelihood_on_the_exact_mixture():
     # Two overlapping components: guidance pushes samples of class 0 away from class 1, so the exact
     # class posterior p(y = 0 | x) of the samples rises with w.
     mixture = GaussianMixture(torch.tensor([[-0.4, 0.0], [0.4, 0.0]]), torch.tensor([0.4, 0.4]))
-    net = ExactEpsNet(mixture, SCHEDULE)
+    denoiser = labelled(ExactEpsNet(mixture, SCHEDULE), classes=2)
     grid = SCHEDULE.respace(space_timesteps(1000, 1000))
     labels = torch.zeros(2000, dtype=torch.long)
     posterior = []
     for w in (0.0, 1.0, 4.0):
-        denoiser = Denoiser(ClassifierFreeGuidance(net, w, null_label=2), SCHEDULE)
-        x = generate(sample_ancestral, denoiser, grid, (2,), range(2000), batch_size=2000, labels=labels,
-                     clip_x0=False, variance="beta_tilde").double()
+        x = generate(sample_ancestral, ClassifierFreeGuidance(denoiser, w), grid, (2,), range(2000),
+                     batch_size=2000, cond=Cond(label=labels), variance="beta_tilde").double()
         posterior.append(mixture.class_posterior(x)[:, 0].log().mean().item())
     assert posterior[0] < posterior[1] < posterior[2]
     # w = 0 is the plain conditional model: its samples have the true conditional class posterior
@@ -90,36 +143,48 @@ def test_static_and_dynamic_thresholds():
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
-def test_thresholded_net_returns_its_own_parameterisation(kind):
+def test_thresholded_denoiser_is_the_threshold_of_d(kind):
+    # Thresholded(D) returns threshold(D), D = the x0 implied by the raw output (old closed forms), at
+    # integer and real timesteps, for every parameterisation.
     net = random_mlp()
-    x, t = torch.randn(6, 2) * 3, torch.tensor([0, 5, 100, 400.5, 800, 999])
-    identity = ThresholdedNet(net, SCHEDULE, kind, lambda x0: x0)
-    assert torch.allclose(identity(x, t), net(x, t), atol=1e-4)
-    clipped = ThresholdedNet(net, SCHEDULE, kind, static_threshold)
-    abar = (1 / (1 + t_to_sigma(SCHEDULE.sigmas.log(), t) ** 2)).float()[:, None]
-    x0 = to_prediction(kind, x, abar, clipped(x, t)).x0
-    assert x0.abs().max() <= 1 + 1e-4
+    xt, t = torch.randn(6, 2, dtype=torch.float64) * 3, torch.tensor([0, 5, 100, 400.5, 800, 999])
+    sigma, abar = at_timesteps(t)
+    x = xt / abar.sqrt()
+    denoiser = Denoiser(net, VPPrecond(SCHEDULE, kind))
+    x0 = old_x0(kind, xt, abar, net(xt, t))
+    identity = Thresholded(denoiser, lambda x0: x0)
+    assert torch.allclose(identity(x, sigma), x0, atol=1e-4)
+    assert torch.allclose(denoiser(x, sigma), x0, atol=1e-4)
+    clipped = Thresholded(denoiser, static_threshold)(x, sigma)
+    assert torch.allclose(clipped, static_threshold(x0), atol=1e-4)
+    assert clipped.abs().max() <= 1 + 1e-4
+    dynamic = Thresholded(denoiser, dynamic_threshold)(x, sigma)
+    assert torch.allclose(dynamic, dynamic_threshold(x0), atol=1e-4)
 
 
 def test_guidance_needs_a_conditional_model():
-    config = Config(data=DataConfig(dataset="toy"))
-    denoiser = Denoiser(MLP(MLPConfig(dim=2, hidden=8, depth=1)), SCHEDULE)
-    with pytest.raises(DifflabError, match="class-conditional"):
-        sample(denoiser, config, 4, SampleConfig(steps=5, guidance=2.0))
+    config = Config(data=DataConfig(dataset="toy", num_points=64), model=ModelConfig("mlp", {"hidden": 8, "depth": 1}))
+    denoiser, spec = build_model(config, load_toy(config.data.toy, config.data.num_points))
+    with pytest.raises(DifflabError, match="conditional model"):
+        sample(denoiser, 4, SampleConfig(sampler="ancestral", steps=5, guidance=2.0), spec=spec)
 
 
 def test_learned_variance_channels_are_not_guided_or_thresholded():
     """A learned-variance net's second half (the variance interpolation) passes through from the conditional
-    prediction (GLIDE); only the first half is guided and thresholded."""
+    prediction (GLIDE); only the first half (D) is guided and thresholded."""
     torch.manual_seed(1)
     mean_net, var_net = random_mlp(), random_mlp()
-    net = lambda x, t, y=None: torch.cat([mean_net(x, t, y), var_net(x, t, y)], dim=1)   # noqa: E731
-    x, t, y = torch.randn(4, 2), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
-    null = torch.full_like(y, 3)
-    guided = ClassifierFreeGuidance(net, 2.0, null_label=3, mean_channels=2)(x, t, y)
-    torch.testing.assert_close(guided[:, :2], 3 * mean_net(x, t, y) - 2 * mean_net(x, t, null))
-    torch.testing.assert_close(guided[:, 2:], var_net(x, t, y))
-    thresholded = ThresholdedNet(net, SCHEDULE, "eps", static_threshold)(x, t, y)
-    torch.testing.assert_close(thresholded[:, 2:], var_net(x, t, y))
-    plain = ThresholdedNet(mean_net, SCHEDULE, "eps", static_threshold)(x, t, y)
-    torch.testing.assert_close(thresholded[:, :2], plain)
+    net = lambda x, t, cond=None: torch.cat([mean_net(x, t, cond), var_net(x, t, cond)], dim=1)   # noqa: E731
+    xt, t, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 1])
+    sigma, abar = at_timesteps(t)
+    x = xt / abar.sqrt()
+    cond, null = Cond(label=y), Cond(label=torch.full_like(y, 3))
+    denoiser = labelled(net, learned_variance=True)
+    guided = ClassifierFreeGuidance(denoiser, 2.0).output(x, sigma, cond)
+    torch.testing.assert_close(guided.x0,
+                               old_x0("eps", xt, abar, 3 * mean_net(xt, t, cond) - 2 * mean_net(xt, t, null)))
+    torch.testing.assert_close(guided.variance, var_net(xt, t, cond))
+    thresholded = Thresholded(denoiser, static_threshold).output(x, sigma, cond)
+    torch.testing.assert_close(thresholded.variance, var_net(xt, t, cond))
+    plain = Thresholded(labelled(mean_net), static_threshold)(x, sigma, cond)
+    torch.testing.assert_close(thresholded.x0, plain)

@@ -12,19 +12,20 @@ import torch
 from torch import nn
 
 from difflab import diffusion
-from difflab.build import build_denoiser
+from difflab.build import build_model
+from difflab.conditioning import Cond
 from difflab.config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig
-from difflab.denoiser import Denoiser
+from difflab.data import InMemoryData
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.errors import DifflabError
 from difflab.losses import build_loss, hybrid_loss, simple_loss, vlb_loss
 from difflab.metrics.likelihood import vlb_terms
-from difflab.nets import UNetConfig
 from difflab.pipelines.ddpm import sample
 from difflab.references.gaussian_mixture import ExactEpsNet, GaussianMixture
 from difflab.samplers import SAMPLERS, PerSampleNoise, sample_ancestral
 from difflab.schedules import NoiseSchedule, space_timesteps
 from difflab.train.timesteps import ImportanceTimesteps, UniformTimesteps
-from difflab.train.trainer import Trainer
+from difflab.train.diffusion import diffusion_trainer
 from test_checkpoint import assert_identical, image_config, parameters
 
 SCHEDULE = NoiseSchedule.from_name("linear", 100)
@@ -38,15 +39,16 @@ class WithVariance(nn.Module):
         self.net = net
         self.v = nn.Parameter(torch.as_tensor(v, dtype=torch.float64))
 
-    def forward(self, x, t, y=None):
-        eps = self.net(x, t, y)
-        v = self.v[t.long()] if self.v.ndim else self.v
+    def forward(self, x, t, cond=None):
+        eps = self.net(x, t, cond)
+        # t is the denoiser's c_noise, the real timestep of sigma: integer-valued at the schedule's sigmas
+        v = self.v[t.round().long()] if self.v.ndim else self.v
         return torch.cat([eps, v.reshape(-1, *([1] * (eps.ndim - 1))).to(eps.dtype).expand_as(eps)], dim=1)
 
 
 def gaussian_denoiser(std: float, v, schedule=SCHEDULE, dim: int = 4) -> Denoiser:
     mixture = GaussianMixture(torch.zeros(1, dim), torch.tensor([std]))
-    return Denoiser(WithVariance(ExactEpsNet(mixture, schedule), v), schedule, "eps", learned_variance=True)
+    return Denoiser(WithVariance(ExactEpsNet(mixture, schedule), v), VPPrecond(schedule, "eps"), learned_variance=True)
 
 
 def test_learned_variance_interpolates_beta_and_beta_tilde_on_respaced_schedules():
@@ -88,7 +90,8 @@ def test_vlb_loss_is_minimised_by_the_optimal_variance_of_gaussian_data(std):
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     t = torch.full((len(x0),), t_index)
     grid = torch.linspace(-1.5, 1.5, 61, dtype=torch.float64)
-    losses = torch.stack([vlb_loss(gaussian_denoiser(std, v), x0, t, noise).mean() for v in grid])
+    losses = torch.stack([vlb_loss(gaussian_denoiser(std, v), x0, noise, SCHEDULE.sigmas[t], None, t).mean()
+                          for v in grid])
     assert abs(grid[losses.argmin()] - v_star) <= 0.1, (grid[losses.argmin()], v_star)
 
 
@@ -102,22 +105,22 @@ def test_vlb_loss_matches_the_likelihood_bound_term_by_term():
     for t_index in range(len(schedule)):
         eps = noise.randn_like(x0)
         t = torch.full((2,), t_index)
-        loss = vlb_loss(denoiser, x0, t, eps)
+        loss = vlb_loss(denoiser, x0, eps, schedule.sigmas[t], None, t)
         torch.testing.assert_close(loss, len(schedule) * terms[:, t_index] / (3 * math.log(2)))
 
 
 def test_hybrid_loss_trains_the_mean_by_l_simple_and_the_variance_by_l_vlb():
     schedule = NoiseSchedule.from_name("cosine", 50)
     net = nn.Conv2d(1, 2, 3, padding=1).double()
-    net_t = lambda x, t, y=None: net(x)                                     # noqa: E731
-    denoiser = Denoiser(net_t, schedule, "eps", learned_variance=True)
+    net_t = lambda x, t, cond=None: net(x)                                  # noqa: E731
+    denoiser = Denoiser(net_t, VPPrecond(schedule, "eps"), learned_variance=True)
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.rand(8, 1, 6, 6, generator=g).double() * 2 - 1, torch.randn(8, 1, 6, 6, generator=g).double()
     t = torch.randint(0, 50, (8,), generator=g)
 
     def grads(loss_fn):
         net.zero_grad()
-        loss_fn(denoiser, x0, t, noise).mean().backward()
+        loss_fn(denoiser, x0, noise, schedule.sigmas[t], None, t).mean().backward()
         return torch.cat([p.grad.flatten() for p in net.parameters()]), [p.grad.clone() for p in net.parameters()]
 
     weight_grad = lambda g_: g_[1][0]                                       # noqa: E731  (2, 1, 3, 3)
@@ -156,13 +159,14 @@ def test_learned_variance_ancestral_sampling_of_unit_gaussian_with_v_one_equals_
     """With v = 1 the learned-variance chain is the fixed sigma^2 = beta chain, step for step."""
     schedule = SCHEDULE.respace(space_timesteps(100, 25))
     mixture = GaussianMixture(torch.zeros(1, 2), torch.tensor([1.0]))
-    learned = Denoiser(WithVariance(ExactEpsNet(mixture, SCHEDULE), 1.0), SCHEDULE, "eps", learned_variance=True)
-    fixed = Denoiser(ExactEpsNet(mixture, SCHEDULE), SCHEDULE, "eps")
+    learned = Denoiser(WithVariance(ExactEpsNet(mixture, SCHEDULE), 1.0), VPPrecond(SCHEDULE, "eps"),
+                       learned_variance=True)
+    fixed = Denoiser(ExactEpsNet(mixture, SCHEDULE), VPPrecond(SCHEDULE, "eps"))
     x = PerSampleNoise(range(8), "cpu").randn((2,), torch.float64)
-    a = sample_ancestral(learned, x, schedule, PerSampleNoise(range(8), "cpu"), clip_x0=False)
-    b = sample_ancestral(fixed, x, schedule, PerSampleNoise(range(8), "cpu"), variance="beta", clip_x0=False)
+    a = sample_ancestral(learned, x, schedule, PerSampleNoise(range(8), "cpu"))             # no thresholding
+    b = sample_ancestral(fixed, x, schedule, PerSampleNoise(range(8), "cpu"), variance="beta")
     torch.testing.assert_close(a, b)
-    c = sample_ancestral(fixed, x, schedule, PerSampleNoise(range(8), "cpu"), variance="beta_tilde", clip_x0=False)
+    c = sample_ancestral(fixed, x, schedule, PerSampleNoise(range(8), "cpu"), variance="beta_tilde")
     assert not torch.allclose(a, c)
 
 
@@ -170,10 +174,10 @@ def test_hybrid_needs_a_learned_variance(tmp_path, image_folder):
     config = image_config(tmp_path / "run", image_folder)
     config.train.loss = "hybrid"
     with pytest.raises(DifflabError, match="learn_variance"):
-        Trainer(config, progress=False)
+        diffusion_trainer(config, progress=False)
     config.train.loss = "kl"
     with pytest.raises(DifflabError, match="train.loss"):
-        Trainer(config, progress=False)
+        diffusion_trainer(config, progress=False)
     with pytest.raises(ValueError):
         build_loss("kl")
 
@@ -186,15 +190,16 @@ def test_importance_sampled_vlb_training_resumes_bit_exactly(tmp_path, image_fol
         c.train.min_snr_gamma = None                                         # weights L_simple only
         return c
 
-    full = Trainer(config(tmp_path / "full", 12), progress=False)
+    full = diffusion_trainer(config(tmp_path / "full", 12), progress=False)
     full.run()
-    Trainer(config(tmp_path / "split", 6), progress=False).run()
-    second = Trainer(config(tmp_path / "split", 12), resume=True, progress=False)
-    assert second.timesteps.counts.sum() == 6 * 8
+    diffusion_trainer(config(tmp_path / "split", 6), progress=False).run()
+    second = diffusion_trainer(config(tmp_path / "split", 12), resume=True, progress=False)
+    assert second.objective.levels.counts.sum() == 6 * 8
     second.run()
     assert_identical(parameters(full), parameters(second))
-    assert full.timesteps.warmed_up and torch.equal(full.timesteps.losses, second.timesteps.losses)
-    assert not torch.allclose(full.timesteps.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
+    full_levels, second_levels = full.objective.levels, second.objective.levels
+    assert full_levels.warmed_up and torch.equal(full_levels.losses, second_levels.losses)
+    assert not torch.allclose(full_levels.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))
     assert full.net.out_conv.out_channels == 6                              # eps and v for 3 channels
 
 
@@ -202,15 +207,20 @@ def test_a_learned_variance_model_samples_with_every_sampler_and_guidance():
     """Every sampler of the pipeline takes a learned-variance network (the ODE/score samplers use its mean
     channels), with classifier-free guidance and dynamic thresholding on top."""
     config = Config(data=DataConfig(dataset="fashion_mnist", image_size=8, conditional=True),
-                    model=ModelConfig(unet=UNetConfig(model_channels=8, channel_mult=(1,), num_res_blocks=1,
-                                                      attention_resolutions=(), groups=4)),
+                    model=ModelConfig("unet", dict(model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                                                   attention_resolutions=(), groups=4)),
                     diffusion=DiffusionConfig(schedule="cosine", timesteps=50, learn_variance=True))
+    # what the model is fitted to: Fashion-MNIST's shape and classes (the images themselves are not needed)
+    data = InMemoryData(torch.zeros(1, 1, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), 10,
+                        "fashion_mnist")
     torch.manual_seed(0)
-    denoiser = build_denoiser(config).eval()
+    denoiser, spec = build_model(config, data)
+    denoiser = denoiser.eval()
     for p in denoiser.net.out_conv.parameters():                      # non-zero eps and v outputs
         torch.nn.init.normal_(p, std=0.05)
     labels = torch.tensor([0, 1])
     for name in SAMPLERS:
-        options = SampleConfig(sampler=name, steps=4, langevin_steps=1, guidance=1.0, dynamic_threshold=0.99)
-        out = sample(denoiser, config, 2, options, labels)
+        options = SampleConfig(sampler=name, steps=4, spacing="uniform", langevin_steps=1, guidance=1.0,
+                               dynamic_threshold=0.99)
+        out = sample(denoiser, 2, options, Cond(label=labels), spec=spec)
         assert out.shape == (2, 1, 8, 8) and torch.isfinite(out).all(), name

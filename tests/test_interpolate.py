@@ -6,14 +6,10 @@ from PIL import Image
 from torch import nn
 
 from difflab.cli import main
-from difflab.config import Config, DataConfig, DiffusionConfig
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.pipelines.interpolate import decode, interpolate, invert
 from difflab.references import ExactEpsNet, GaussianMixture
 from difflab.schedules import NoiseSchedule
-
-CONFIG = Config(data=DataConfig(dataset="folder", image_size=4, channels=1),
-                diffusion=DiffusionConfig(schedule="cosine", timesteps=1000))
 
 
 class ImageShaped(nn.Module):
@@ -23,25 +19,25 @@ class ImageShaped(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x, t, y=None):
-        return self.net(x.flatten(1), t, y).reshape(x.shape)
+    def forward(self, x, t, cond=None):
+        return self.net(x.flatten(1), t, cond).reshape(x.shape)
 
 
 def exact_denoiser() -> Denoiser:
     schedule = NoiseSchedule.from_name("cosine", 1000)
     mixture = GaussianMixture(torch.full((1, 16), 0.2), torch.tensor([0.3]))
-    return Denoiser(ImageShaped(ExactEpsNet(mixture, schedule)), schedule)
+    return Denoiser(ImageShaped(ExactEpsNet(mixture, schedule)), VPPrecond(schedule, "eps"))
 
 
 def test_inversion_reconstructs_and_gives_standard_normal_latents():
     denoiser = exact_denoiser()
     g = torch.Generator().manual_seed(0)
     images = (0.2 + 0.3 * torch.randn(256, 1, 4, 4, generator=g, dtype=torch.float64))
-    latents = invert(denoiser, CONFIG, images, steps=100)
+    latents = invert(denoiser, images, steps=100)
     assert abs(latents.std().item() - 1) < 0.05 and abs(latents.mean().item()) < 0.05
-    error = (decode(denoiser, CONFIG, latents, steps=100) - images).pow(2).mean().sqrt()
+    error = (decode(denoiser, latents, steps=100) - images).pow(2).mean().sqrt()
     assert error < 0.02, error
-    coarse = (decode(denoiser, CONFIG, invert(denoiser, CONFIG, images, steps=5), steps=5) - images)
+    coarse = (decode(denoiser, invert(denoiser, images, steps=5), steps=5) - images)
     assert coarse.pow(2).mean().sqrt() > error                             # fewer steps, larger ODE error
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from difflab.config import SampleConfig
-from difflab.denoiser import Denoiser, SigmaDenoiser
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.metrics import sliced_wasserstein
 from difflab.references import ExactEpsNet, GaussianMixture
 from difflab.samplers import (SAMPLER_OPTIONS, SAMPLERS, CountingModel, PerSampleNoise, build_sigmas, prior_std,
@@ -19,16 +19,16 @@ from difflab.schedules import NoiseSchedule
 
 MIXTURE = GaussianMixture.ring(k=8, radius=1.5, std=0.15)
 SCHEDULE = NoiseSchedule.from_name("linear", 1000)
-MODEL = SigmaDenoiser(Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), SCHEDULE, "eps"))
+MODEL = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), VPPrecond(SCHEDULE, "eps"))          # D(x; sigma)
 N = 2000
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny 2-D batches (conftest.py)
 
 
-def half_score(x, sigma, y=None):
+def half_score(x, sigma, cond=None):
     """A wrong model: the exact one with its eps (so its score) scaled by 0.5, D = x - sigma eps / 2."""
-    return x - (x - MODEL(x, sigma, y)) / 2
+    return x - (x - MODEL(x, sigma, cond)) / 2
 
 
 def noised(sigma: float, n: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.diffusion import discretized_gaussian_log_likelihood
 from difflab.errors import DifflabError
 from difflab.metrics import bits_per_dim
@@ -41,7 +41,8 @@ def sample_data(n, seed=0):
 
 
 def gaussian_model(schedule, m=M, s=S):
-    return Denoiser(ExactEpsNet(GaussianMixture(torch.full((1, D), m), torch.tensor([s])), schedule), schedule)
+    return Denoiser(ExactEpsNet(GaussianMixture(torch.full((1, D), m), torch.tensor([s])), schedule),
+                    VPPrecond(schedule, "eps"))
 
 
 def analytic_bound_terms(schedule, variance, m_model=M, s_model=S):

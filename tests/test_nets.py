@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from difflab.conditioning import Cond
 from difflab.nets import MLP, MLPConfig, UNet, UNetConfig
 
 
@@ -43,11 +44,11 @@ def test_unet_uses_timestep_and_class_label():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([5, 5])
-    base = net(x, t, torch.tensor([1, 1]))
-    assert not torch.allclose(base, net(x, torch.tensor([600, 600]), torch.tensor([1, 1])))
-    assert not torch.allclose(base, net(x, t, torch.tensor([2, 2])))
+    base = net(x, t, Cond(label=torch.tensor([1, 1])))
+    assert not torch.allclose(base, net(x, torch.tensor([600, 600]), Cond(label=torch.tensor([1, 1]))))
+    assert not torch.allclose(base, net(x, t, Cond(label=torch.tensor([2, 2]))))
     # no label means the reserved null label (index num_classes)
-    assert torch.allclose(net(x, t), net(x, t, torch.tensor([10, 10])))
+    assert torch.allclose(net(x, t), net(x, t, Cond(label=torch.tensor([10, 10]))))
 
 
 def test_unet_gradients_reach_every_parameter():
@@ -55,12 +56,12 @@ def test_unet_gradients_reach_every_parameter():
     net = small_unet(num_classes=3)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), torch.tensor([0, 3])).square().mean().backward()
+    net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), Cond(label=torch.tensor([0, 3]))).square().mean().backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
 
 
 def test_mlp_shapes_and_zero_init():
     net = MLP(MLPConfig(dim=2, hidden=32, depth=2, num_classes=4))
-    out = net(torch.randn(5, 2), torch.arange(5), torch.tensor([0, 1, 2, 3, 4]))
+    out = net(torch.randn(5, 2), torch.arange(5), Cond(label=torch.tensor([0, 1, 2, 3, 4])))
     assert out.shape == (5, 2) and torch.count_nonzero(out) == 0

@@ -7,10 +7,14 @@ import pytest
 import torch
 
 from difflab.adapters import from_callable, from_diffusers
+from difflab import diffusion
+from difflab.build import build_data
 from difflab.config import Config, DataConfig, SampleConfig
-from difflab.denoiser import Denoiser, SigmaDenoiser, sigma_to_t, t_to_sigma
+from difflab.denoiser import Denoiser, VPPrecond, sigma_to_t, t_to_sigma
 from difflab.errors import DifflabError
+from difflab.guidance import Thresholded
 from difflab.metrics import sliced_wasserstein
+from difflab.model import ModelSpec
 from difflab.pipelines.ddpm import sample
 from difflab.references import ExactEpsNet, GaussianMixture
 from difflab.samplers import (SAMPLERS, CountingModel, PerSampleNoise, build_sigmas, ddim_invert, prior_std,
@@ -29,8 +33,8 @@ SIGMA_SAMPLERS = [name for name in SAMPLERS if name != "ancestral"]
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny 2-D batches (conftest.py)
 
 
-EXACT = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), SCHEDULE, "eps")
-MODEL = SigmaDenoiser(EXACT)
+EXACT = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), VPPrecond(SCHEDULE, "eps"))
+MODEL = EXACT                          # the Denoiser is D(x; sigma) itself
 
 
 def run(sampler, steps, spacing="karras", n=N, model=MODEL, seed=0, **kwargs):
@@ -95,21 +99,21 @@ def test_ddim_eta_zero_is_euler_and_the_first_dpm_solver_step():
 # -- DDIM with eta = 1 is DDPM's ancestral sampler ----------------------------------------------------------
 @pytest.mark.parametrize("steps", [50, "10,10,20"])
 def test_ddim_eta_one_equals_ancestral_with_the_same_noise(steps):
-    denoiser = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), SCHEDULE, "eps")     # integer timesteps only
+    denoiser = Denoiser(ExactEpsNet(MIXTURE, SCHEDULE), VPPrecond(SCHEDULE, "eps"))
     respaced = SCHEDULE.respace(space_timesteps(1000, steps))
     sigmas = build_sigmas(SCHEDULE, steps, "uniform")
     seeds = range(300)
     x_t = PerSampleNoise(seeds).randn((2,), torch.float64)
     noise = PerSampleNoise(seeds)
     noise.randn((2,), torch.float64)                                       # the draw of x_T
-    ancestral = sample_ancestral(denoiser, x_t, respaced, noise, variance="beta_tilde", clip_x0=False)
+    ancestral = sample_ancestral(denoiser, x_t, respaced, noise, variance="beta_tilde")      # no clipping
     noise = PerSampleNoise(seeds)
     noise.randn((2,), torch.float64)
-    ddim = sample_ddim(SigmaDenoiser(denoiser), x_t * prior_std(sigmas), sigmas, noise, eta=1.0)
+    ddim = sample_ddim(denoiser, x_t * prior_std(sigmas), sigmas, noise, eta=1.0)
     assert torch.allclose(ddim, ancestral, atol=1e-8), (ddim - ancestral).abs().max()
     noise = PerSampleNoise(seeds)
     noise.randn((2,), torch.float64)
-    ddim_half = sample_ddim(SigmaDenoiser(denoiser), x_t * prior_std(sigmas), sigmas, noise, eta=0.5)
+    ddim_half = sample_ddim(denoiser, x_t * prior_std(sigmas), sigmas, noise, eta=0.5)
     assert not torch.allclose(ddim_half, ancestral, atol=1e-2)
 
 
@@ -213,9 +217,13 @@ def test_sigma_denoiser_matches_the_discrete_denoiser_at_its_steps(prediction):
     t = torch.tensor([0, 10, 500, 999])
     x_vp = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     abar = SCHEDULE.alphas_cumprod[t][:, None]
-    x0 = SigmaDenoiser(denoiser)(x_vp / abar.sqrt(), SCHEDULE.sigmas[t])
-    assert torch.allclose(x0, denoiser(x_vp, t).x0, atol=1e-9)
-    clipped = SigmaDenoiser(denoiser, clip_x0=True)(x_vp / abar.sqrt(), SCHEDULE.sigmas[t])
+    x0 = denoiser(x_vp / abar.sqrt(), SCHEDULE.sigmas[t])
+    # the discrete denoiser's x0 at integer t: the network's output at (x_vp, t) converted at alpha-bar_t
+    output = net(x_vp, t)
+    discrete = {"eps": lambda: diffusion.x0_from_eps(x_vp, abar, output), "x0": lambda: output,
+                "v": lambda: diffusion.x0_from_v(x_vp, abar, output)}[prediction]()
+    assert torch.allclose(x0, discrete, atol=1e-9)
+    clipped = Thresholded(denoiser)(x_vp / abar.sqrt(), SCHEDULE.sigmas[t])
     assert clipped.abs().max() <= 1
 
 
@@ -237,8 +245,8 @@ def test_sampling_a_diffusers_unet_matches_diffusers_ddim():
             for t in scheduler.timesteps:
                 x = scheduler.step(unet(x, t).sample, t, x).prev_sample
         denoiser = from_diffusers(unet, scheduler)
-        sigmas = build_sigmas(denoiser.schedule, 8, "leading")
-        ours = sample_ddim(SigmaDenoiser(denoiser), x_t * prior_std(sigmas), sigmas, PerSampleNoise(range(3)))
+        sigmas = build_sigmas(denoiser.precond.schedule, 8, "leading")
+        ours = sample_ddim(denoiser, x_t * prior_std(sigmas), sigmas, PerSampleNoise(range(3)))
         assert torch.allclose(ours, x, atol=1e-4), (prediction, (ours - x).abs().max())
         assert x.abs().max() > 0.1
 
@@ -249,7 +257,9 @@ def test_pipeline_samples_by_name(name):
     config = Config(data=DataConfig(dataset="toy"))
     options = SampleConfig(sampler=name, steps=50 if name != "euler-ancestral" else 100, spacing="logsnr",
                            sigma_min=0.02, batch_size=700, step_size=4e-4)   # langevin: epsilon for sigma_L = 0.02
-    samples = sample(EXACT, config, 1000, options).double()
+    spec = ModelSpec("exact", {}, EXACT.precond.to_json(), build_data(config.data).sample_shape,
+                     data_range=None)                                 # toy points: not clipped
+    samples = sample(EXACT, 1000, options, spec=spec).double()
     assert samples.shape == (1000, 2)
     assert sliced_wasserstein(samples, REFERENCE) < 0.06
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.metrics import sliced_wasserstein
 from difflab.nets import UNet, UNetConfig
 from difflab.references import ExactEpsNet, GaussianMixture
@@ -15,13 +15,13 @@ MIXTURE = GaussianMixture.ring(k=8, radius=1.5, std=0.15)
 
 def exact_denoiser(schedule_name: str = "linear") -> Denoiser:
     schedule = NoiseSchedule.from_name(schedule_name, 1000)
-    return Denoiser(ExactEpsNet(MIXTURE, schedule), schedule, "eps")
+    return Denoiser(ExactEpsNet(MIXTURE, schedule), VPPrecond(schedule, "eps"))
 
 
 def draw(denoiser, steps, variance, n=3000):
-    schedule = denoiser.schedule.respace(space_timesteps(1000, steps))
+    schedule = denoiser.precond.schedule.respace(space_timesteps(1000, steps))
     return generate(sample_ancestral, denoiser, schedule, (2,), list(range(n)), batch_size=n,
-                    variance=variance, clip_x0=False).double()
+                    variance=variance).double()                 # not thresholded: D is not clipped
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
@@ -44,8 +44,8 @@ def test_a_wrong_model_is_caught():
             super().__init__()
             self.net = net
 
-        def forward(self, x, t):
-            return 0.8 * self.net(x, t)
+        def forward(self, x, t, cond=None):
+            return 0.8 * self.net(x, t, cond)
 
     denoiser = exact_denoiser()
     denoiser.net = Scaled(denoiser.net)
@@ -68,7 +68,7 @@ def test_same_seed_same_sample_whatever_the_batch_size():
     for p in net.parameters():         # non-zero output so that the network matters
         torch.nn.init.normal_(p, std=0.05)
     schedule = NoiseSchedule.from_name("linear", 1000)
-    denoiser = Denoiser(net, schedule).eval()
+    denoiser = Denoiser(net, VPPrecond(schedule)).eval()
     short = schedule.respace(space_timesteps(1000, 10))
     seeds = list(range(100, 106))
     a = generate(sample_ancestral, denoiser, short, (1, 8, 8), seeds, batch_size=6)

@@ -8,7 +8,11 @@ from difflab.build import build_data
 from difflab.config import load_config
 from difflab.metrics import sliced_wasserstein
 from difflab.pipelines.ddpm import sample
-from difflab.train.trainer import Trainer
+from difflab.train.diffusion import diffusion_trainer
+
+
+def ema_denoiser(trainer):
+    return trainer.denoiser.with_net(trainer.ema.model)
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +20,8 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     config = load_config("configs/toy.yaml", [f"train.out_dir={out}",
                                               "train.checkpoint_every=100000"])
-    trainer = Trainer(config, progress=False)
-    untrained = sample(trainer.ema_denoiser, config, 3000)
+    trainer = diffusion_trainer(config, progress=False)
+    untrained = sample(ema_denoiser(trainer), 3000, config.sample, spec=trainer.spec)
     trainer.run()
     return config, trainer, untrained
 
@@ -26,7 +30,8 @@ def test_trained_toy_model_samples_close_to_data(trained):
     config, trainer, untrained = trained
     held_out = build_data(config.data, split="test").data[:3000]
     floor = sliced_wasserstein(build_data(config.data).data[:3000], held_out)
-    trained_distance = sliced_wasserstein(sample(trainer.ema_denoiser, config, 3000), held_out)
+    trained_distance = sliced_wasserstein(sample(ema_denoiser(trainer), 3000, config.sample, spec=trainer.spec),
+                                          held_out)
     untrained_distance = sliced_wasserstein(untrained, held_out)
     print(f"sliced W1: floor {floor:.4f}, trained {trained_distance:.4f}, untrained {untrained_distance:.4f}")
     assert trained_distance < 0.08

@@ -1,19 +1,24 @@
-"""Build the objects an experiment names: data, network, schedule, denoiser. Used by trainer and pipelines."""
+"""Build the objects an experiment names: data, the model (network + preconditioning + conditions), the
+schedule. Used by the trainer; the model is described by a ``ModelSpec`` saved with the weights, so sampling
+rebuilds it from the checkpoint alone.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import torch
 
-from torch import nn
-
-from difflab.config import Config, DataConfig, DiffusionConfig, ModelConfig
+from difflab.conditioning import ClassLabel
+from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
-from difflab.denoiser import Denoiser
+from difflab.denoiser import Denoiser, EDMPrecond, Precond, VPPrecond
 from difflab.errors import DifflabError
-from difflab.nets import MLP, UNet
+from difflab.model import ModelSpec, denoiser_from_spec
+from difflab.nets.registry import resolve_network
 from difflab.schedules import NoiseSchedule
 
 DATASETS = ("fashion_mnist", "folder", "toy")
+PRECONDS = ("vp", "edm")
+IMAGE_RANGE = (-1.0, 1.0)         # InMemoryData scales pixels to [-1, 1]
 
 
 def build_data(config: DataConfig, split: str = "train") -> InMemoryData:
@@ -28,43 +33,48 @@ def build_data(config: DataConfig, split: str = "train") -> InMemoryData:
     raise DifflabError(f"unknown data.dataset {config.dataset!r}; choose one of {DATASETS}")
 
 
-def sample_shape(config: DataConfig) -> tuple[int, ...]:
-    """Shape of one sample, known from the config alone (so sampling needs no data on disk)."""
-    if config.dataset == "toy":
-        return (2,)
-    channels = 1 if config.dataset == "fashion_mnist" else config.channels
-    return (channels, config.image_size, config.image_size)
-
-
-def num_classes(config: DataConfig) -> int | None:
-    return 10 if config.conditional and config.dataset == "fashion_mnist" else None
-
-
-def build_net(model: ModelConfig, data: DataConfig, learn_variance: bool = False) -> nn.Module:
-    """The network, with its input size and number of classes taken from the data config; a learned
-    variance doubles the output channels (eps first, then the variance interpolation)."""
-    shape = sample_shape(data)
-    if model.kind == "unet":
-        if len(shape) != 3:
-            raise DifflabError(f"model.kind 'unet' needs image data, but data.dataset is {data.dataset!r}")
-        return UNet(dataclasses.replace(model.unet, in_channels=shape[0], image_size=shape[1],
-                                        out_channels=shape[0] * (2 if learn_variance else 1),
-                                        num_classes=num_classes(data)))
-    if model.kind == "mlp":
-        if len(shape) != 1:
-            raise DifflabError("model.kind 'mlp' needs vector data (data.dataset: toy)")
-        if learn_variance:
-            raise DifflabError("diffusion.learn_variance needs model.kind 'unet'")
-        return MLP(dataclasses.replace(model.mlp, dim=shape[0], num_classes=num_classes(data)))
-    raise DifflabError(f"unknown model.kind {model.kind!r}; choose 'unet' or 'mlp'")
-
-
 def build_schedule(config: DiffusionConfig) -> NoiseSchedule:
     options = ({"sigma_min": config.sigma_min, "sigma_max": config.sigma_max}
                if config.schedule == "geometric" else {})
     return NoiseSchedule.from_name(config.schedule, config.timesteps, **options)
 
 
-def build_denoiser(config: Config) -> Denoiser:
-    return Denoiser(build_net(config.model, config.data, config.diffusion.learn_variance),
-                    build_schedule(config.diffusion), config.diffusion.prediction, config.diffusion.learn_variance)
+def data_std(data: InMemoryData, max_examples: int = 10000) -> float:
+    """The standard deviation of the (model-ready) training data, over at most ``max_examples`` examples."""
+    x, _ = data.batch(torch.arange(min(len(data), max_examples)))
+    return x.double().std().item()
+
+
+def build_precond(config: DiffusionConfig, data: InMemoryData | None = None) -> Precond:
+    if config.precond == "vp":
+        return VPPrecond(build_schedule(config), config.prediction)
+    if config.precond == "edm":
+        if config.learn_variance:
+            raise DifflabError("diffusion.learn_variance needs diffusion.precond 'vp' (a discrete schedule)")
+        sigma_data = config.sigma_data
+        if sigma_data is None:
+            if data is None:
+                raise DifflabError("diffusion.sigma_data: measuring it needs the training data")
+            sigma_data = data_std(data)
+        return EDMPrecond(sigma_data, config.sigma_min, config.sigma_max)
+    raise DifflabError(f"unknown diffusion.precond {config.precond!r}; choose one of {PRECONDS}")
+
+
+def model_spec(config: Config, data: InMemoryData) -> ModelSpec:
+    """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions."""
+    shape = data.sample_shape
+    conditions = []
+    if config.data.conditional:
+        if data.labels is None or not data.num_classes:
+            raise DifflabError(f"data.conditional: data set {data.name!r} has no class labels")
+        conditions.append(ClassLabel("label", config.train.label_dropout, data.num_classes).to_json())
+    out_channels = shape[0] * (2 if config.diffusion.learn_variance else 1)
+    options = resolve_network(config.model.kind, config.model.options, shape, out_channels,
+                               data.num_classes if conditions else None)
+    return ModelSpec(config.model.kind, options, build_precond(config.diffusion, data).to_json(), shape,
+                     IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance)
+
+
+def build_model(config: Config, data: InMemoryData) -> tuple[Denoiser, ModelSpec]:
+    spec = model_spec(config, data)
+    return denoiser_from_spec(spec), spec

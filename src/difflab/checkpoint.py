@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 @dataclass
 class Checkpoint:
     path: Path
-    config: Config
+    config: Any                      # the experiment (a ``Config``, or e.g. a classifier experiment)
     state: dict                      # step, images_seen, optimizer param_groups, ...
     tensors: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)   # the file's other JSON records (e.g. "model")
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors saved under ``prefix.``, with the prefix removed."""
@@ -79,10 +80,13 @@ def load_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Checkpoint) -> 
 def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: torch.nn.Module,
                     ema_model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
-                    train_tensors: dict[str, torch.Tensor] | None = None, file_format: str = FORMAT) -> Path:
+                    train_tensors: dict[str, torch.Tensor] | None = None, file_format: str = FORMAT,
+                    records: dict | None = None) -> Path:
     """``config``: the experiment (a ``Config``, or another experiment dataclass such as a classifier's).
-    ``file_format``: the metadata's format tag, which readers check. ``train_tensors``: other training state (e.g. the timestep sampler's loss history), saved under
-    ``train.`` (read back with ``Checkpoint.section("train")``)."""
+    ``file_format``: the metadata's format tag, which readers check. ``train_tensors``: other training state
+    (e.g. the timestep sampler's loss history), saved under ``train.`` (read back with
+    ``Checkpoint.section("train")``). ``records``: more JSON-serialisable records for the metadata (the
+    model's description under "model")."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -94,7 +98,8 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
         optim_tensors, state["param_groups"] = optimizer_tensors(optimizer)
         tensors.update(optim_tensors)
     config_json = json.dumps(to_dict(config), indent=1)
-    metadata = {"format": file_format, "config": config_json, "state": json.dumps(state)}
+    metadata = {"format": file_format, "config": config_json, "state": json.dumps(state),
+                **{key: json.dumps(value) for key, value in (records or {}).items()}}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write(path.with_name("config.json"), lambda tmp: tmp.write_text(config_json + "\n"))
     return path
@@ -115,15 +120,20 @@ def read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[
     return tensors, metadata
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, file_format: str = FORMAT, config_class: type = Config) -> Checkpoint:
     path = resolve(path)
-    tensors, metadata = read_safetensors(path, FORMAT, "checkpoint")
-    config = config_from_json(metadata.get("config", ""), f"{path} (config)")
-    try:
-        state = json.loads(metadata.get("state", ""))
-    except json.JSONDecodeError as e:
-        raise DifflabError(f"{path}: corrupt training state in metadata ({e})") from None
-    return Checkpoint(path, config, state, tensors)
+    tensors, metadata = read_safetensors(path, file_format, "checkpoint")
+    config = config_from_json(metadata.get("config", ""), f"{path} (config)", config_class)
+    records = {}
+    for key in set(metadata) - {"format", "config"}:
+        try:
+            records[key] = json.loads(metadata[key])
+        except json.JSONDecodeError as e:
+            raise DifflabError(f"{path}: corrupt {key!r} record in metadata ({e})") from None
+    state = records.pop("state", None)
+    if not isinstance(state, dict):
+        raise DifflabError(f"{path}: missing or corrupt training state in metadata")
+    return Checkpoint(path, config, state, tensors, records)
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, prefix: str) -> None:

@@ -1,18 +1,20 @@
-"""Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", Sec. 4).
+"""Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs", Sec. 4) as a correction of D.
 
-A noise-aware classifier p_phi(y | x_t, t) (``difflab.nets.NoisyClassifier``) steers an (unconditional or
-conditional) diffusion model towards class y by the gradient g = grad_{x_t} log p_phi(y | x_t, t):
+A noise-aware classifier p_phi(y | x_t, t) (``difflab.nets.NoisyClassifier``) steers a diffusion model towards
+class y through the score of p(x_sigma) p(y | x_sigma)^s (their Eq. 14 and Alg. 2). With Tweedie's formula,
+score = (D - x) / sigma^2 in VE coordinates (Karras et al. 2022, Eq. 3), adding s grad log p(y | x) to the
+score is the correction
 
-- Algorithm 1 (ancestral sampling): the reverse step's mean moves by its variance times the scaled
-  gradient, mu <- mu + s Sigma g. ``AncestralMeanShift`` computes s g; the sampler adds sigma_t^2 times it
-  (``sample_ancestral(..., classifier_grad=AncestralMeanShift(classifier, s))``).
-- Algorithm 2 / Eq. 14 (DDIM and every other sampler): the noise prediction is corrected,
-  eps^ = eps - sqrt(1 - alpha-bar_t) s g, i.e. the score of p(x_t) p(y | x_t)^s. ``ClassifierGuidance``
-  wraps a network ``net(x, t, y)`` and does this, so every sampler (and ``ThresholdedNet``,
-  ``ClassifierFreeGuidance``) can use it. With s = 1 and exact models this is the conditional model:
-  grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t) (Bayes).
+    D^ = D + sigma^2 s grad_x log p(y | x; sigma),
 
-``s`` is the paper's "classifier scale" (1 to 10 in its experiments).
+which is Eq. 14's eps^ = eps - sqrt(1 - alpha-bar) s grad_{x_t} log p(y | x_t) written for D (x = x_t /
+sqrt(alpha-bar), so grad_x = sqrt(alpha-bar) grad_{x_t} and sigma^2 sqrt(alpha-bar) = sqrt(1 - alpha-bar) sigma).
+Every sampler, the ancestral chain included, then samples the guided model (for the ancestral chain this
+replaces Alg. 1's mean shift Sigma s g by beta_t / sqrt(alpha_t) s g, equal to first order in beta_t).
+With s = 1 and exact models this is the conditional model (Bayes). ``s`` is the paper's "classifier scale".
+
+The classifier sees its own inputs: x_t = c_in x and t = c_noise of the preconditioning it was trained with
+(``classifier_precond``), so it can guide any model whose sigma means the same noise level.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflab import diffusion
-from difflab.denoiser import PREDICTIONS, split_output, t_to_sigma, to_prediction
-from difflab.errors import DifflabError
-from difflab.schedules import NoiseSchedule
+from difflab.conditioning import Cond
+from difflab.denoiser import DenoiserOutput, Precond, as_sigma, per_example
+from difflab.guidance import DenoiserWrapper
 
 
 def log_prob_grad(classifier: nn.Module, x: torch.Tensor, t: torch.Tensor | float,
@@ -42,66 +43,22 @@ def log_prob_grad(classifier: nn.Module, x: torch.Tensor, t: torch.Tensor | floa
     return grad.detach().to(x.dtype)
 
 
-class AncestralMeanShift:
-    """``shift(x_t, t, y) = scale * grad log p(y | x_t, t)``, for ancestral samplers (Alg. 1).
+class ClassifierGuidance(DenoiserWrapper):
+    """D + sigma^2 * scale * grad_x log p(label | x; sigma) (see the module docstring). Rows whose record has no
+    ``label`` field, a scale of 0 or no record at all are not guided."""
 
-    Contract: at the step from x_t, with the model's posterior mean mu and reverse variance sigma_t^2 (beta_t
-    or beta-tilde_t of the schedule being sampled, respaced or not), the sampler uses
-    ``mu + sigma_t^2 * shift(x_t, t, y)`` in place of mu, before adding sigma_t z. ``t`` is the timestep the
-    denoiser is called with (``schedule.timesteps[i]``, on the training schedule) and x_t the current
-    sample (not mu). With sigma_t^2 = beta-tilde the last step (sigma_0^2 = 0) is unchanged.
-    """
+    def __init__(self, inner: nn.Module, classifier: nn.Module, classifier_precond: Precond, scale: float,
+                 label: str = "label"):
+        super().__init__(inner)
+        self.classifier, self.classifier_precond = classifier, classifier_precond
+        self.scale, self.label = scale, label
 
-    def __init__(self, classifier: nn.Module, scale: float):
-        self.classifier, self.scale = classifier, scale
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.scale == 0:
-            return torch.zeros_like(x)
-        return self.scale * log_prob_grad(self.classifier, x, t, y)
-
-
-class ClassifierGuidance(nn.Module):
-    """``net(x, t, y)`` with its noise prediction guided by ``classifier`` (Alg. 2 / Eq. 14):
-    eps^ = eps - sqrt(1 - alpha-bar_t) * scale * grad log p(y | x_t, t), returned in the network's own
-    parameterisation ``prediction`` (eps, x0 or v). Works at integer and real timesteps: alpha-bar comes
-    from the schedule's sigma at ``t``, as in ``ThresholdedNet``.
-
-    A network with twice the image's channels (a learned variance: mean parameterisation, then variance
-    interpolation) has only its first half guided; the rest is passed through. With ``y`` None (or scale
-    0) the network's plain output is returned. ``conditional_net`` says whether ``net`` takes the label
-    too (a class-conditional or classifier-free-guided model); the classifier always gets the label.
-    """
-
-    def __init__(self, net: nn.Module, classifier: nn.Module, schedule: NoiseSchedule, prediction: str,
-                 scale: float, *, conditional_net: bool):
-        super().__init__()
-        if prediction not in PREDICTIONS:
-            raise DifflabError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
-        self.net, self.classifier, self.prediction = net, classifier, prediction
-        self.scale, self.conditional_net = scale, conditional_net
-        self.log_sigmas = schedule.sigmas.log()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        output = self.net(x, t, y) if self.conditional_net and y is not None else self.net(x, t)
-        if y is None or self.scale == 0:
-            return output
-        channels = x.shape[1]
-        if output.shape[1] not in (channels, 2 * channels):
-            raise DifflabError(f"network output has {output.shape[1]} channels; expected {channels} or "
-                               f"{2 * channels} (learned variance) for {channels}-channel inputs")
-        mean_part, variance = split_output(output, learned_variance=output.shape[1] == 2 * channels)
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        sigma = t_to_sigma(self.log_sigmas, t)
-        abar = (1 / (1 + sigma ** 2)).reshape(-1, *([1] * (x.ndim - 1))).to(x)  # (B, 1, ...)
-        eps = to_prediction(self.prediction, x, abar, mean_part.to(x.dtype)).eps
-        eps = eps - (1 - abar).sqrt() * self.scale * log_prob_grad(self.classifier, x, t, y)
-        guided = self.from_eps(x, abar, eps).to(output.dtype)
-        return guided if variance is None else torch.cat([guided, variance], dim=1)
-
-    def from_eps(self, x: torch.Tensor, abar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """The guided eps in the network's parameterisation."""
-        if self.prediction == "eps":
-            return eps
-        x0 = diffusion.x0_from_eps(x, abar, eps)
-        return x0 if self.prediction == "x0" else diffusion.v_from_eps(x0, abar, eps)
+    def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
+        out = self.inner.output(x, sigma, cond)
+        if cond is None or self.label not in cond or self.scale == 0:
+            return out
+        sigma = as_sigma(sigma, x.shape[0])
+        _, _, c_in, c_noise = self.classifier_precond.scalings(sigma)
+        c_in = per_example(c_in, x)
+        grad = c_in * log_prob_grad(self.classifier, x * c_in, c_noise.to(x.device), cond[self.label])  # grad_x
+        return DenoiserOutput(out.x0 + per_example(sigma ** 2, x) * self.scale * grad, out.variance)

@@ -19,15 +19,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from difflab.config import load_config
+    from difflab.pipelines.ddpm import preview_callback
     from difflab.train import distributed
-    from difflab.train.trainer import Trainer
+    from difflab.train.diffusion import diffusion_trainer
 
     config = load_config(args.config, args.set)
     dist = distributed.init(config.train.device, os.environ)     # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
-        trainer = Trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
-                          dist=dist)
+        trainer = diffusion_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
+                                    dist=dist, preview=lambda spec: preview_callback(config, spec, dist.device))
         if trainer.step:
             say(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
         try:
@@ -49,11 +50,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from difflab.pipelines.ddpm import load_model, sample, save_samples
 
+    from difflab.pipelines.ddpm import class_condition
+
     loaded = load_model(args.checkpoint, args.weights, args.device)
     options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
     labels = None
     if args.class_label is not None:
-        classes = loaded.denoiser.net.config.num_classes
+        classes = loaded.spec.num_classes()
         if not classes and options.classifier:                     # classifier guidance of an unconditional model
             from difflab.train.classifier import load_noisy_classifier
             classes = load_noisy_classifier(options.classifier)[0].config.num_classes
@@ -64,7 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = torch.full((args.n,), args.class_label, dtype=torch.long)
     print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
           f"{options.sampler} sampler, {options.steps} steps", file=sys.stderr)
-    samples = sample(loaded.denoiser, loaded.config, args.n, options, labels, args.device, progress=True)
+    samples = sample(loaded, args.n, options, class_condition(labels), args.device, progress=True)
     for path in save_samples(samples, args.out, args.name, labels):
         print(path)
     return 0
@@ -82,20 +85,19 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.checkpoint, args.weights, "cpu")
     config, denoiser = loaded.config, loaded.denoiser
-    if config.data.dataset == "toy" or config.data.conditional:
+    if not loaded.spec.is_image or loaded.spec.conditions:
         raise DifflabError(f"interpolate: needs an unconditional image model, {loaded.path} is not one")
     count = 2 * args.pairs
     if args.test_images:
         data = build_data(config.data, split="test")
         images, _ = data.batch(torch.arange(args.seed, args.seed + count) % len(data))
-        latents = invert(denoiser, config, images, args.steps)
-        error = (decode(denoiser, config, latents, args.steps) - images).pow(2).mean().sqrt().item()
+        latents = invert(denoiser, images, args.steps)
+        error = (decode(denoiser, latents, args.steps) - images).pow(2).mean().sqrt().item()
         print(f"DDIM inversion of {count} test images with {args.steps} steps: reconstruction RMSE {error:.4f} "
               f"(pixel range [-1, 1])", file=sys.stderr)
     else:
-        latents = random_latents(config, range(args.seed, args.seed + count))
-    frames = decode(denoiser, config, interpolate(latents[0::2], latents[1::2], args.frames), args.steps,
-                    clip_x0=True)
+        latents = random_latents(loaded.spec.sample_shape, range(args.seed, args.seed + count))
+    frames = decode(denoiser, interpolate(latents[0::2], latents[1::2], args.frames), args.steps, clip_x0=True)
     path = save_grid(to_uint8_images(frames), Path(args.out) / f"{args.name}.png", columns=args.frames, scale=2)
     print(path)
     return 0
@@ -111,14 +113,27 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from difflab.checkpoint import load_checkpoint, load_weights
     from difflab.config import to_dict
-    from difflab.checkpoint import load_checkpoint
+    from difflab.model import denoiser_from_spec
+    from difflab.pipelines.ddpm import model_spec_of
 
     checkpoint = load_checkpoint(args.checkpoint)
-    parameters = sum(v.numel() for k, v in checkpoint.section("model").items())
+    spec = model_spec_of(checkpoint)
+    net = denoiser_from_spec(spec).net                  # info loads what it reports
+    for weights in ("model", "ema") if checkpoint.has_ema else ("model",):
+        load_weights(net, checkpoint, weights)
+        bad = [name for name, value in net.state_dict().items() if not torch.isfinite(value).all()]
+        if bad:
+            raise DifflabError(f"{checkpoint.path}: {weights} weights hold non-finite values ({bad[0]}, ...)")
+    parameters = sum(p.numel() for p in net.parameters())
     info = {"path": str(checkpoint.path), "state": {k: v for k, v in checkpoint.state.items()
                                                       if k != "param_groups"},
-            "parameters": parameters, "has_ema": checkpoint.has_ema, "config": to_dict(checkpoint.config)}
+            "parameters": parameters, "has_ema": checkpoint.has_ema, "model": spec.to_json() | {
+                "precond": {k: v for k, v in spec.precond.items() if k != "betas"}},
+            "config": to_dict(checkpoint.config)}
     print(json.dumps(info, indent=2))
     return 0
 

@@ -5,10 +5,7 @@ Loading is strict: an unknown key, or a value of the wrong type, is an error tha
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +13,10 @@ from typing import Any
 import yaml
 
 from difflab.errors import DifflabError
-from difflab.nets.mlp import MLPConfig
-from difflab.nets.unet import UNetConfig
+from difflab.typed import from_dict, to_dict
+
+__all__ = ["Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TrainConfig",
+           "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
 
 
 @dataclass
@@ -35,19 +34,44 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"                  # unet | mlp; in/out sizes and classes are taken from the data
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    mlp: MLPConfig = field(default_factory=MLPConfig)
+    """The network: ``kind`` names an entry of ``difflab.nets.registry.NETWORKS`` and the section of the same
+    name holds its options (checked by the registry when the network is built); in/out sizes and classes are
+    taken from the data.  YAML: ``model: {kind: unet, unet: {model_channels: 24, ...}}``."""
+    kind: str = "unet"
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict, prefix: str = "") -> "ModelConfig":
+        kind = values.get("kind", cls.kind)
+        if not isinstance(kind, str):
+            raise DifflabError(f"{prefix}kind: {kind!r} is not a valid str")
+        extra = sorted(set(values) - {"kind", kind})
+        if extra:
+            raise DifflabError(f"unknown config key '{prefix}{extra[0]}' (model.kind is {kind!r}: its options go "
+                               f"under {prefix}{kind})")
+        options = values.get(kind) or {}
+        if not isinstance(options, dict):
+            raise DifflabError(f"{prefix}{kind}: expected a mapping of network options, got {options!r}")
+        return cls(kind, dict(options))
+
+    def to_mapping(self) -> dict:
+        return {"kind": self.kind, self.kind: dict(self.options)}
 
 
 @dataclass
 class DiffusionConfig:
+    precond: str = "vp"                 # vp (a discrete schedule and a prediction type) | edm (Karras et al. 2022)
+    # vp: the discrete schedule
     schedule: str = "linear"            # linear | cosine | geometric (NCSN's noise levels, Song & Ermon 2019)
     timesteps: int = 1000               # T; for geometric, the number L of noise levels
     prediction: str = "eps"             # eps | x0 | v
     learn_variance: bool = False        # the network also outputs the reverse variance (Nichol & Dhariwal 2021)
-    sigma_min: float = 0.01             # geometric: smallest and largest noise level sigma (VE, data in [-1, 1])
-    sigma_max: float = 50.0
+    sigma_min: float = 0.01             # geometric: smallest and largest noise level sigma (VE, data in [-1, 1]);
+    sigma_max: float = 50.0             # edm: the range sampling grids span (Karras et al.: 0.002 and 80)
+    # edm: Karras et al. 2022, Table 1 and Sec. 5
+    sigma_data: float | None = None     # the data's standard deviation; None: measured on the training data
+    p_mean: float = -1.2                # training noise levels: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
 
 
 @dataclass
@@ -64,7 +88,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
     ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
-    label_dropout: float = 0.1               # conditional models: probability of the null label
+    label_dropout: float = 0.1               # conditional models: probability of the null label (CFG)
     loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3)
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda L_vlb
     min_snr_gamma: float | None = None       # Min-SNR-gamma loss weighting of L_simple (Hang et al. 2023); None: off
@@ -85,16 +109,18 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ancestral"          # ancestral | ddim | euler | heun | dpmpp-2m | euler-ancestral
-    steps: int | str = 1000             # respaced steps: an int, or sections such as "10,10,20"
+    """How ``difflab sample`` / ``eval`` sample by default; a preset's ``sample`` section is its recommendation.
+    The defaults are Karras et al. 2022's: Heun, 18 steps (35 evaluations) on their rho = 7 grid."""
+    sampler: str = "heun"               # ancestral | ddim | euler | heun | dpmpp-2m | unipc | euler-ancestral | ...
+    steps: int | str = 18               # steps; ancestral also takes respacing sections such as "10,10,20"
     variance: str = "beta_tilde"        # ancestral: beta | beta_tilde (Ho et al. 2020, Sec. 3.2)
-    clip_x0: bool = True
+    clip_x0: bool = True                # static thresholding of D to the data range (image models only)
     batch_size: int = 256
     seed: int = 0
-    spacing: str = "uniform"            # all but ancestral: uniform | leading | trailing | karras | logsnr
+    spacing: str = "karras"             # all but ancestral: karras | logsnr | uniform | leading | trailing
     rho: float = 7.0                    # karras spacing: Karras et al. 2022, Eq. 5
     sigma_min: float | None = None      # karras, logsnr: last noise level before the final denoising step
-    sigma_max: float | None = None      # karras, logsnr: first noise level (None: the schedule's range)
+    sigma_max: float | None = None      # karras, logsnr: first noise level (None: the model's, at most 80)
     eta: float | None = None            # ddim, euler-ancestral (Song et al. 2021, Eq. 16); None: 0 / 1
     s_churn: float = 0.0                # euler, heun: Karras et al. 2022, Alg. 2 (0: deterministic)
     s_tmin: float = 0.0
@@ -117,65 +143,6 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-
-
-# -- conversion between dicts and dataclasses -----------------------------------------------------------------
-def _check_value(value: Any, hint: Any, key: str) -> Any:
-    """Coerce YAML values to the field's annotated type where that is lossless; otherwise raise."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(hint):
-            try:
-                return _check_value(value, option, key)
-            except DifflabError as e:
-                errors.append(str(e))
-        raise DifflabError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
-    if hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            args = typing.get_args(hint)
-            item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-            if item is None and len(args) != len(value):
-                raise DifflabError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_check_value(v, item or args[i], f"{key}[{i}]") for i, v in enumerate(value))
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint in (int, str, bool):
-        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
-            return value
-    raise DifflabError(f"{key}: {value!r} is not a valid {_type_name(hint)}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
-    if not isinstance(values, dict):
-        raise DifflabError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise DifflabError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_value(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """Nested plain dict (tuples as lists) suitable for YAML and JSON."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -215,8 +182,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise DifflabError(f"{path}: {e}" if path else str(e)) from None
 
 
-def config_from_json(text: str, source: str) -> Config:
+def config_from_json(text: str, source: str, cls: type = Config) -> Any:
     try:
-        return from_dict(Config, json.loads(text))
+        return from_dict(cls, upgrade_config(json.loads(text)))
     except (json.JSONDecodeError, DifflabError) as e:
         raise DifflabError(f"{source}: invalid difflab config ({e})") from None
+
+
+def upgrade_config(values: Any) -> Any:
+    """A config saved by difflab <= 0.1.0 (every network's section under ``model``) in today's layout."""
+    model = values.get("model") if isinstance(values, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("kind"), str):
+        values = {**values, "model": {"kind": model["kind"], model["kind"]: model.get(model["kind"]) or {}}}
+    return values

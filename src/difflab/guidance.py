@@ -1,47 +1,72 @@
-"""Guidance and thresholding as wrappers of a network ``net(x, t, y)``, so every sampler can use them.
+"""Guidance and thresholding as wrappers of the denoiser D(x; sigma, cond), so every sampler can use them and
+nothing converts back to a network's own output type.
 
-Classifier-free guidance (Ho & Salimans 2021, Eq. 6): eps~ = (1 + w) eps(x, c) - w eps(x, null). The
-conversions from eps to x0 or v are affine in the network output at fixed (x_t, t), so the same
-combination of raw outputs is exact for x0- and v-predicting networks too. Other libraries' guidance
-scale is ``guidance_scale = 1 + w`` (diffusers, Imagen): w = 0 is the plain conditional model.
+- Classifier-free guidance (Ho & Salimans 2021, Eq. 6), written on D: D~ = D_u + (1 + w)(D_c - D_u), with D_u
+  the denoiser at the null value of the chosen condition fields (by default every field the model knows; a
+  subset keeps the others, e.g. drop the caption but keep the control image). D is affine in the network's
+  output at fixed (x, sigma), c_skip x + c_out F, so this is exactly eps~ = (1 + w) eps_c - w eps_u for eps
+  networks and the same combination of x0 or v outputs for the others. Other libraries' guidance scale is
+  ``guidance_scale = 1 + w`` (diffusers, Imagen): w = 0 is the plain conditional model.
+- Thresholding of D (Saharia et al. 2022, "Imagen", Sec. 2.3): static clips to the data range [-1, 1];
+  dynamic takes s = the p-th percentile of |D| per sample, s = max(s, 1), and maps D to clip(D, -s, s) / s.
 
-Thresholding of the x0 prediction (Saharia et al. 2022, "Imagen", Sec. 2.3): static clips to [-1, 1];
-dynamic takes s = the p-th percentile of |x0| per sample, s = max(s, 1), and maps x0 to clip(x0, -s, s) / s.
-
-A learned-variance network (Nichol & Dhariwal 2021) outputs eps (or x0, v) in its first ``mean_channels``
-channels and the variance interpolation after them: the wrappers then act on the first part only and pass
-the conditional variance through, as GLIDE does (Nichol et al. 2022, Sec. 3).
+A learned variance (Nichol & Dhariwal 2021) is not guided: the conditional one is passed on, as GLIDE does
+(Nichol et al. 2022, Sec. 3). Wrappers compose: ``Thresholded(ClassifierFreeGuidance(D, 3.0), ...)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from difflab import diffusion
-from difflab.denoiser import t_to_sigma, to_prediction
-from difflab.schedules import NoiseSchedule
+from difflab.conditioning import Cond, with_null
+from difflab.denoiser import DenoiserOutput, as_sigma
 
 
-class ClassifierFreeGuidance(nn.Module):
-    """(1 + w) net(x, t, y) - w net(x, t, null), both halves in one batched forward pass."""
+class DenoiserWrapper(nn.Module):
+    """A denoiser computed from another one: the same interface, preconditioning and conditions."""
 
-    def __init__(self, net: nn.Module, w: float, null_label: int, mean_channels: int | None = None):
+    def __init__(self, inner: nn.Module):
         super().__init__()
-        self.net, self.w, self.null_label, self.mean_channels = net, w, null_label, mean_channels
+        self.inner = inner
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None or self.w == 0:
-            return self.net(x, t, y) if y is not None else self.net(x, t)
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        null = torch.full_like(y, self.null_label)
-        both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))   # (2B, ...)
-        conditional, unconditional = both.chunk(2)
-        c = self.mean_channels or conditional.shape[1]
-        guided = conditional[:, :c] + self.w * (conditional[:, :c] - unconditional[:, :c])
-        return torch.cat([guided, conditional[:, c:]], dim=1) if c < conditional.shape[1] else guided
+    @property
+    def precond(self):
+        return self.inner.precond
+
+    @property
+    def conditions(self):
+        return self.inner.conditions
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.inner.learned_variance
+
+    def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        return self.output(x, sigma, cond).x0
+
+
+class ClassifierFreeGuidance(DenoiserWrapper):
+    """D_u + (1 + w)(D_c - D_u), both in one batched evaluation; ``drop`` names the fields set to null in D_u."""
+
+    def __init__(self, inner: nn.Module, w: float, drop: Iterable[str] | None = None):
+        super().__init__(inner)
+        self.w, self.drop = w, None if drop is None else tuple(drop)
+
+    def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
+        if cond is None or self.w == 0:
+            return self.inner.output(x, sigma, cond)
+        sigma = as_sigma(sigma, x.shape[0])
+        unconditional = with_null(cond, self.conditions, self.drop)
+        both = self.inner.output(torch.cat([x, x]), torch.cat([sigma, sigma]), Cond.cat([cond, unconditional]))
+        d_c, d_u = both.x0.chunk(2)                                                    # (B, ...) each
+        variance = both.variance.chunk(2)[0] if both.variance is not None else None
+        return DenoiserOutput(d_u + (1 + self.w) * (d_c - d_u), variance)
 
 
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:
@@ -55,26 +80,13 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = 0.995) -> torch.Tens
     return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
-class ThresholdedNet(nn.Module):
-    """A network whose implied x0 prediction is thresholded, returned in its own parameterisation.
+class Thresholded(DenoiserWrapper):
+    """D with ``threshold`` (``static_threshold``, ``dynamic_threshold``, ...) applied to its output."""
 
-    Works at integer and real timesteps: alpha-bar comes from the schedule's sigma at ``t``.
-    """
+    def __init__(self, inner: nn.Module, threshold: Callable[[torch.Tensor], torch.Tensor] = static_threshold):
+        super().__init__(inner)
+        self.threshold = threshold
 
-    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction: str,
-                 threshold: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self.net, self.prediction, self.threshold = net, prediction, threshold
-        self.log_sigmas = schedule.sigmas.log()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        output = self.net(x, t, y) if y is not None else self.net(x, t)
-        mean, rest = output[:, :x.shape[1]], output[:, x.shape[1]:]              # rest: a learned variance
-        sigma = t_to_sigma(self.log_sigmas, torch.as_tensor(t).expand(x.shape[0]))
-        abar = (1 / (1 + sigma ** 2)).reshape(-1, *([1] * (x.ndim - 1))).to(x)
-        x0 = self.threshold(to_prediction(self.prediction, x, abar, mean).x0)
-        eps = diffusion.eps_from_x0(x, abar, x0)
-        out = {"eps": eps, "x0": x0}.get(self.prediction)
-        if out is None:
-            out = diffusion.v_from_eps(x0, abar, eps)
-        return torch.cat([out, rest], dim=1) if rest.shape[1] else out
+    def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
+        out = self.inner.output(x, sigma, cond)
+        return DenoiserOutput(self.threshold(out.x0), out.variance)

@@ -1,18 +1,22 @@
-"""Training losses, each ``loss(denoiser, x0, t, noise, y) -> (B,)``, one value per example.
+"""Diffusion training losses, each ``loss(denoiser, x0, noise, sigma, cond, t) -> (B,)``, one value per example.
 
-- ``simple``: L_simple of Ho et al. 2020, Eq. 14, || target - net(x_t, t) ||^2 averaged over dimensions;
-  the target is eps (the paper), x0 or v (Salimans & Ho 2022), by ``denoiser.prediction``.
-- ``vlb``: the variational bound's term L_{t-1} at the sampled t (``diffusion.vlb_term``), in bits/dim,
-  times T so that E_t[loss] is L_vlb = sum_t L_t (Nichol & Dhariwal 2021, Sec. 3.1; with importance-sampled
-  t, Sec. 3.3, the trainer weights each example by 1 / (T p_t)).
+The example is noised in VE coordinates, x = x0 + sigma * noise, and the network's output F = net(c_in x,
+c_noise, cond) is compared with its target (x0 - c_skip x) / c_out (``Precond.target``; Karras et al. 2022,
+Eq. 8). ``t`` is the integer timestep of sigma on a VP model's discrete schedule (None for other models).
+
+- ``simple``: || target - F ||^2 averaged over dimensions. For a VP model F is eps, x0 or v and this is L_simple
+  of Ho et al. 2020, Eq. 14 (Salimans & Ho 2022 for x0 and v); for EDM it is Karras et al.'s loss
+  lambda(sigma) || D - x0 ||^2 with lambda = 1 / c_out^2 (Eq. 8 and Table 1), since D - x0 = c_out (F - target).
+- ``vlb``: the variational bound's term L_{t-1} at the sampled t (``diffusion.vlb_term``), in bits/dim, times T so
+  that E_t[loss] is L_vlb = sum_t L_t (Nichol & Dhariwal 2021, Sec. 3.1; with importance-sampled t, Sec. 3.3,
+  the trainer weights each example by 1 / (T p_t)). VP models only.
 - ``hybrid``: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 (Nichol & Dhariwal 2021, Eq. 16), where
   the L_vlb term sees the mean through a stop-gradient, so it trains only the variance (Sec. 3.1).
 
-``simple`` and ``hybrid`` take an optional Min-SNR-gamma weighting of the L_simple term (Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting Strategy", Sec. 3.4): every prediction's loss is a
-multiple of the x0 loss, ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and ||v - v_hat||^2 = (SNR + 1)
-||x0 - x0_hat||^2, and the weight makes the x0-loss weight min(SNR_t, gamma): low-noise steps, whose
-gradients conflict with the rest, stop dominating.
+``simple`` and ``hybrid`` take an optional Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion
+Training via Min-SNR Weighting Strategy", Sec. 3.4): the loss on F is ||D - x0||^2 / c_out^2, so weighting it by
+min(SNR, gamma) c_out^2 makes the x0-loss weight min(SNR, gamma) whatever the network predicts (for eps c_out^2
+= 1 / SNR, for v 1 / (SNR + 1), for x0 1), SNR = 1 / sigma^2: low-noise levels stop dominating.
 
 L_vlb is in bits per dimension (per-dimension mean / ln 2), as in the paper's code, so lambda keeps the
 paper's meaning: lambda * T * L_t(bits/dim) balances L_simple (a per-dimension mean).
@@ -26,7 +30,9 @@ import math
 import torch
 
 from difflab import diffusion
-from difflab.denoiser import Denoiser, split_output, to_prediction
+from difflab.conditioning import Cond
+from difflab.denoiser import Denoiser, VPPrecond, per_example, split_output
+from difflab.errors import DifflabError
 
 LOSSES = ("simple", "hybrid", "vlb")
 
@@ -40,21 +46,38 @@ def full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def network_output(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x_t ~ q(x_t | x_0) (Eq. 4) and the network's output there, split into (mean output, variance output)."""
-    xt = diffusion.q_sample(denoiser.schedule, x0, t, noise)
-    output = denoiser.net(xt, t, y) if y is not None else denoiser.net(xt, t)
+def network_output(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                   cond: Cond | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x = x0 + sigma * noise and the network's output there, split into (F, variance output or None)."""
+    x = x0 + per_example(sigma, x0) * noise
+    output = denoiser.network_output(x, sigma, cond)
     mean, variance = split_output(full_precision(output), denoiser.learned_variance)
-    return xt, mean, variance
+    return x, mean, variance
 
 
-def vlb_bits_per_dim(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+def min_snr_weight(denoiser: Denoiser, sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weight of each example's loss on F (Hang et al. 2023, Eq. 10 and Sec. 3.4): (B,)."""
+    _, c_out, _, _ = denoiser.precond.scalings(sigma)
+    return ((1 / sigma ** 2).clamp(max=gamma) * c_out ** 2).float()
+
+
+def simple_term(denoiser: Denoiser, mean: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                min_snr_gamma: float | None) -> torch.Tensor:
+    """|| target - F ||^2 per example, Min-SNR-gamma weighted when ``min_snr_gamma`` is set."""
+    target = full_precision(denoiser.precond.target(x0, noise, sigma.to(x0.device)))
+    loss = mean_flat((mean - target) ** 2)
+    return loss if min_snr_gamma is None else loss * min_snr_weight(denoiser, sigma, min_snr_gamma).to(loss.device)
+
+
+def vlb_bits_per_dim(denoiser: Denoiser, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor,
                      mean_output: torch.Tensor, variance_output: torch.Tensor | None) -> torch.Tensor:
-    """L_{t-1} of the bound for each example, in bits/dim (per-dimension mean); x0_hat is not clipped, as in
+    """L_{t-1} of the bound for each example, in bits/dim (per-dimension mean); x0_hat = D is not clipped, as in
     the paper's code. Without a learned variance the reverse variance is beta-tilde_t (Ho et al. 2020)."""
-    schedule = denoiser.schedule
-    x0_hat = to_prediction(denoiser.prediction, xt, diffusion.extract(schedule.alphas_cumprod, t, xt), mean_output).x0
+    precond = denoiser.precond
+    schedule = precond.schedule
+    c_skip, c_out, c_in, _ = precond.scalings(sigma)
+    xt = per_example(c_in, x) * x                                                    # VP coordinates
+    x0_hat = per_example(c_skip, x) * x + per_example(c_out, x) * mean_output
     model_mean, _, fixed_log_var = diffusion.q_posterior(schedule, x0_hat, xt, t)
     model_log_var = (diffusion.learned_log_variance(schedule, t, variance_output)
                      if variance_output is not None else fixed_log_var)
@@ -62,45 +85,28 @@ def vlb_bits_per_dim(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, t: 
     return mean_flat(nats) / math.log(2.0)
 
 
-# The x0 loss's multiple that each prediction's L_simple is, as a function of SNR_t.
-X0_LOSS_MULTIPLE = {"eps": lambda snr: snr, "x0": lambda snr: torch.ones_like(snr), "v": lambda snr: snr + 1}
+def simple_loss(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                cond: Cond | None = None, t: torch.Tensor | None = None,
+                min_snr_gamma: float | None = None) -> torch.Tensor:
+    """L_simple (Ho et al. 2020, Eq. 14) / EDM's loss; a learned-variance network's variance is left untrained."""
+    _, mean, _ = network_output(denoiser, x0, noise, sigma, cond)
+    return simple_term(denoiser, mean, x0, noise, sigma, min_snr_gamma)
 
 
-def min_snr_weight(denoiser: Denoiser, t: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weight of each example's L_simple (Hang et al. 2023, Eq. 10 and Sec. 3.4): (B,)."""
-    abar = denoiser.schedule.alphas_cumprod.to(t.device)[t]
-    snr = abar / (1 - abar)
-    return (snr.clamp(max=gamma) / X0_LOSS_MULTIPLE[denoiser.prediction](snr)).float()
-
-
-def simple_term(denoiser: Denoiser, mean: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                min_snr_gamma: float | None) -> torch.Tensor:
-    """|| target - mean output ||^2 per example, Min-SNR-gamma weighted when ``min_snr_gamma`` is set."""
-    loss = mean_flat((mean - full_precision(denoiser.target(x0, t, noise))) ** 2)
-    return loss if min_snr_gamma is None else loss * min_snr_weight(denoiser, t, min_snr_gamma)
-
-
-def simple_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                y: torch.Tensor | None = None, min_snr_gamma: float | None = None) -> torch.Tensor:
-    """L_simple (Ho et al. 2020, Eq. 14); a learned-variance network's variance output is left untrained."""
-    _, mean, _ = network_output(denoiser, x0, t, noise, y)
-    return simple_term(denoiser, mean, x0, t, noise, min_snr_gamma)
-
-
-def vlb_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-             y: torch.Tensor | None = None) -> torch.Tensor:
+def vlb_loss(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+             cond: Cond | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
     """T * L_{t-1}: an unbiased estimate of L_vlb under uniform t (Nichol & Dhariwal 2021, Sec. 3.1)."""
-    xt, mean, variance = network_output(denoiser, x0, t, noise, y)
-    return len(denoiser.schedule) * vlb_bits_per_dim(denoiser, x0, xt, t, mean, variance)
+    x, mean, variance = network_output(denoiser, x0, noise, sigma, cond)
+    return len(denoiser.precond.schedule) * vlb_bits_per_dim(denoiser, x0, x, sigma, t, mean, variance)
 
 
-def hybrid_loss(denoiser: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                y: torch.Tensor | None = None, vlb_weight: float = 0.001,
+def hybrid_loss(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                cond: Cond | None = None, t: torch.Tensor | None = None, vlb_weight: float = 0.001,
                 min_snr_gamma: float | None = None) -> torch.Tensor:
     """L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Eq. 16), with the mean detached in the L_vlb term."""
-    xt, mean, variance = network_output(denoiser, x0, t, noise, y)
-    simple = simple_term(denoiser, mean, x0, t, noise, min_snr_gamma)
-    vlb = len(denoiser.schedule) * vlb_bits_per_dim(denoiser, x0, xt, t, mean.detach(), variance)
+    x, mean, variance = network_output(denoiser, x0, noise, sigma, cond)
+    simple = simple_term(denoiser, mean, x0, noise, sigma, min_snr_gamma)
+    vlb = len(denoiser.precond.schedule) * vlb_bits_per_dim(denoiser, x0, x, sigma, t, mean.detach(), variance)
     return simple + vlb_weight * vlb
 
 
@@ -115,3 +121,9 @@ def build_loss(name: str, vlb_weight: float = 0.001, min_snr_gamma: float | None
     if name == "hybrid":
         return functools.partial(hybrid_loss, vlb_weight=vlb_weight, min_snr_gamma=min_snr_gamma)
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def check_loss(name: str, denoiser: Denoiser) -> None:
+    """The bound's terms need a discrete schedule."""
+    if name in ("vlb", "hybrid") and not isinstance(denoiser.precond, VPPrecond):
+        raise DifflabError(f"train.loss {name!r} needs a discrete schedule (diffusion.precond: vp)")

@@ -26,9 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from difflab import diffusion
+from difflab.conditioning import Cond
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
-from difflab.samplers.noise import PerSampleNoise
+from difflab.noise import PerSampleNoise
 from difflab.schedules import NoiseSchedule
 
 VARIANCES = ("beta", "beta_tilde")
@@ -60,13 +61,16 @@ def reverse_log_variance(schedule: NoiseSchedule, variance: str) -> torch.Tensor
 
 
 def term_nats(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, index: torch.Tensor, log_var: torch.Tensor,
-              y: torch.Tensor | None, clip_x0: bool, net_dtype: torch.dtype) -> torch.Tensor:
+              cond: Cond | None, clip_x0: bool, net_dtype: torch.dtype) -> torch.Tensor:
     """L_i for each row (nats, summed over dimensions): the decoder NLL where index is 0, the KL elsewhere.
 
-    The network sees x_t in ``net_dtype``; everything else is float64.
+    x0_hat = D(x_t / sqrt(alpha-bar_t); sigma_t). The network sees its input in ``net_dtype``; everything
+    else is float64.
     """
-    schedule = denoiser.schedule
-    pred = denoiser(xt.to(net_dtype), schedule.timesteps[index.cpu()].to(xt.device), y)
+    schedule = denoiser.precond.schedule
+    abar = diffusion.extract(schedule.alphas_cumprod, index, xt)
+    sigma = schedule.sigmas.to(xt.device)[index]
+    pred = denoiser.output((xt / abar.sqrt()).to(net_dtype), sigma, cond)
     x0_hat = pred.x0.double().clamp(-1, 1) if clip_x0 else pred.x0.double()
     model_mean, _, _ = diffusion.q_posterior(schedule, x0_hat, xt, index)       # Eq. 11 via Eq. 7
     if pred.variance is not None:                                               # Nichol & Dhariwal 2021, Eq. 15
@@ -78,7 +82,7 @@ def term_nats(denoiser: Denoiser, x0: torch.Tensor, xt: torch.Tensor, index: tor
 
 @torch.no_grad()
 def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde",
-              labels: torch.Tensor | None = None, batch_size: int = 1024, seed: int = 0,
+              cond: Cond | None = None, batch_size: int = 1024, seed: int = 0,
               clip_x0: bool = False, progress: bool = False) -> torch.Tensor:
     """Every term of the bound for every image, in nats: (N, T + 1), columns as in the module docstring.
 
@@ -89,7 +93,8 @@ def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde"
         raise DifflabError(f"likelihood: expected a batch of data (N, ...), got shape {tuple(x0.shape)}")
     if x0.min() < -1 or x0.max() > 1:
         raise DifflabError("likelihood: data must be scaled to [-1, 1] (256 levels), as the decoder assumes")
-    schedule, steps = denoiser.schedule, len(denoiser.schedule)
+    schedule = denoiser.precond.schedule
+    steps = len(schedule)
     log_var = reverse_log_variance(schedule, variance)
     parameter = next(denoiser.parameters(), None)
     device = parameter.device if parameter is not None else x0.device
@@ -100,7 +105,7 @@ def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde"
     bar = tqdm(total=len(x0) * steps, desc="bits/dim", unit="term", disable=not progress)
     for start in range(0, len(x0), images_per_batch):
         x = x0[start:start + images_per_batch].to(device, torch.float64)             # (b, ...)
-        y = labels[start:start + len(x)].to(device) if labels is not None else None
+        rows = cond.rows(start, start + len(x)).to(device) if cond is not None else None
         noise = PerSampleNoise(range(seed + start, seed + start + len(x)), device)
         out[start:start + len(x), steps] = diffusion.prior_kl(schedule, x).flatten(1).sum(1).cpu()
         for first in range(0, steps, steps_per_batch):
@@ -109,8 +114,8 @@ def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde"
             xs = x.repeat(len(ts), *([1] * (x.ndim - 1)))                             # (k b, ...)
             eps = torch.cat([noise.randn_like(x) for _ in ts])
             xt = diffusion.q_sample(schedule, xs, index, eps)
-            ys = y.repeat(len(ts)) if y is not None else None
-            nats = term_nats(denoiser, xs, xt, index, log_var, ys, clip_x0, net_dtype)
+            repeated = Cond.cat([rows] * len(ts)) if rows is not None else None
+            nats = term_nats(denoiser, xs, xt, index, log_var, repeated, clip_x0, net_dtype)
             out[start:start + len(x), first:first + len(ts)] = nats.reshape(len(ts), len(x)).T.cpu()
             bar.update(len(ts) * len(x))
     bar.close()
@@ -118,10 +123,10 @@ def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde"
 
 
 def bits_per_dim(denoiser: Denoiser, x0: torch.Tensor, variance: str = "beta_tilde",
-                 labels: torch.Tensor | None = None, batch_size: int = 1024, seed: int = 0,
+                 cond: Cond | None = None, batch_size: int = 1024, seed: int = 0,
                  clip_x0: bool = False, progress: bool = False) -> BitsPerDim:
     """The bound's NLL in bits/dim over the images ``x0`` (in [-1, 1]), with its standard error."""
-    terms = vlb_terms(denoiser, x0, variance, labels, batch_size, seed, clip_x0, progress)
+    terms = vlb_terms(denoiser, x0, variance, cond, batch_size, seed, clip_x0, progress)
     per_image_terms = (terms / (math.log(2) * x0[0].numel())).numpy()                 # bits/dim
     per_image = per_image_terms.sum(axis=1)
     stderr = float(per_image.std(ddof=1) / math.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")

@@ -1,8 +1,9 @@
-"""A residual MLP for low-dimensional data (the 2-D toy sets): the same (x, t, y) interface as the U-Net."""
+"""A residual MLP for low-dimensional data (the 2-D toy sets): the same (x, t, cond) interface as the U-Net."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,14 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(MLPBlock(c.hidden) for _ in range(c.depth))
         self.out = zero_init(nn.Linear(c.hidden, c.dim))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def consumes(self) -> tuple[str, ...]:
+        return ("label",) if self.label_embed is not None else ()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         emb = F.silu(self.time_embed(timestep_embedding(t, self.config.hidden)))    # (B, hidden)
         if self.label_embed is not None:
+            y = cond.get("label") if cond is not None else None
             if y is None:
                 y = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
             emb = emb + self.label_embed(y)

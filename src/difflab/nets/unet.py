@@ -3,7 +3,8 @@
 Residual blocks take the timestep (and class) embedding through adaptive group normalisation,
 GroupNorm(h) * (1 + scale) + shift; self-attention at chosen resolutions; the layers that end a residual
 branch and the output layer start at zero, so an untrained network outputs zero and every block starts
-as the identity. The network knows nothing of diffusion: it maps (x, t, y) to an image-shaped tensor.
+as the identity. The network knows nothing of diffusion: it maps (x, t, cond) to an image-shaped tensor, reading the class
+label from the condition record ``cond`` (a mapping of named tensors) when it is class-conditional.
 
 ``UNetEncoder`` is the down half (embedding, input conv, down stages, middle block); ``UNet`` adds the
 decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier`` an attention pool.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -168,19 +170,21 @@ class UNetEncoder(nn.Module):
             blocks.append(AttentionBlock(out_ch, c.num_heads, c.groups))
         return Stage(*blocks)
 
-    def embed(self, t: torch.Tensor, y: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """Timestep embedding, plus the label's when class-conditional (no label: the null label)."""
+    def embed(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None, batch: int,
+              device: torch.device) -> torch.Tensor:
+        """Timestep embedding, plus the class label's when class-conditional (no label: the null label)."""
         emb = self.time_embed(timestep_embedding(t, self.encoder_config.model_channels))   # (B, 4ch)
         if self.label_embed is not None:
+            y = cond.get("label") if cond is not None else None
             if y is None:
                 y = torch.full((batch,), self.encoder_config.num_classes, dtype=torch.long, device=device)
             emb = emb + self.label_embed(y)
         return emb
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+    def encode(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None):
         """(h, emb, skips): the middle block's output (B, C, H/2^L, W/2^L), the embedding (B, 4ch) and the
         input conv's and every down stage's outputs (the U-Net's skip connections)."""
-        emb = self.embed(t, y, x.shape[0], x.device)
+        emb = self.embed(t, cond, x.shape[0], x.device)
         h = self.input_conv(x)                                                       # (B, ch, H, W)
         skips = [h]
         for stage in self.down:
@@ -217,8 +221,13 @@ class UNet(UNetEncoder):
         self.out_norm = group_norm(level_ch, c.groups)
         self.out_conv = zero_init(nn.Conv2d(level_ch, c.out_channels or c.in_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        h, emb, skips = self.encode(x, t, y)                                         # (B, C, H/2^L, W/2^L)
+    @property
+    def consumes(self) -> tuple[str, ...]:
+        """The condition fields this network reads."""
+        return ("label",) if self.label_embed is not None else ()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        h, emb, skips = self.encode(x, t, cond)                                        # (B, C, H/2^L, W/2^L)
         for stage in self.up:
             h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)

@@ -1,4 +1,6 @@
-"""DDPM pipeline: a checkpoint's denoiser plus a sampler from its config, to images (uint8) or points."""
+"""Sampling pipeline: a checkpoint's model (rebuilt from its description alone), guidance and thresholding as
+the options ask, a sampler and its grid, to images in [-1, 1] (or points) and to PNG grids and ``.npz`` files.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +10,18 @@ from pathlib import Path
 
 import torch
 
-from difflab.build import build_denoiser, build_schedule, sample_shape
+from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
+from difflab.classifier_guidance import ClassifierGuidance
+from difflab.conditioning import Cond
 from difflab.config import Config, SampleConfig
 from difflab.data import to_uint8_images
-from difflab.denoiser import Denoiser, SigmaDenoiser
+from difflab.denoiser import Denoiser, VPPrecond
 from difflab.errors import DifflabError
-from difflab.classifier_guidance import AncestralMeanShift, ClassifierGuidance
-from difflab.guidance import ClassifierFreeGuidance, ThresholdedNet, dynamic_threshold
+from difflab.guidance import ClassifierFreeGuidance, Thresholded, dynamic_threshold, static_threshold
 from difflab.imageio import save_grid, save_npz, save_scatter
-from difflab.samplers import DISCRETE_SAMPLERS, SAMPLER_OPTIONS, SAMPLERS, build_sigmas, generate, prior_std
+from difflab.model import ModelSpec, denoiser_from_spec
+from difflab.samplers import DISCRETE_SAMPLERS, SAMPLER_OPTIONS, SAMPLERS, generate, sigma_grid
 from difflab.schedules import space_timesteps
-from difflab.checkpoint import load_checkpoint, load_weights
 
 WEIGHTS = ("ema", "model")
 
@@ -26,10 +29,17 @@ WEIGHTS = ("ema", "model")
 @dataclass
 class LoadedModel:
     denoiser: Denoiser
-    config: Config
-    weights: str           # which weights were loaded: "ema" or "model"
+    spec: ModelSpec
+    config: Config            # the experiment it was trained with (its ``sample`` section: the recommended sampler)
+    weights: str              # which weights were loaded: "ema" or "model"
     step: int
     path: Path
+
+
+def model_spec_of(checkpoint: Checkpoint) -> ModelSpec:
+    if "model" not in checkpoint.metadata:
+        raise DifflabError(f"{checkpoint.path}: has no model description (written by difflab < 0.2; retrain it)")
+    return ModelSpec.from_json(checkpoint.metadata["model"], f"{checkpoint.path} (model)")
 
 
 def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> LoadedModel:
@@ -39,77 +49,74 @@ def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> L
     checkpoint = load_checkpoint(path)
     if weights == "ema" and not checkpoint.has_ema:
         weights = "model"
-    denoiser = build_denoiser(checkpoint.config)
+    spec = model_spec_of(checkpoint)
+    denoiser = denoiser_from_spec(spec)
     load_weights(denoiser.net, checkpoint, weights)
-    return LoadedModel(denoiser.to(device).eval(), checkpoint.config, weights,
+    return LoadedModel(denoiser.to(device).eval(), spec, checkpoint.config, weights,
                        int(checkpoint.state.get("step", 0)), checkpoint.path)
 
 
-def guidance_classifier(config: Config, options: SampleConfig, device: str) -> torch.nn.Module:
-    """The noise-aware classifier of ``options.classifier``, checked against the model's diffusion."""
+def guidance_classifier(options: SampleConfig, device: str):
+    """The noise-aware classifier of ``options.classifier`` and the preconditioning of its training inputs
+    (x_t and integer t of the VP schedule it was trained on)."""
+    from difflab.build import build_schedule
     from difflab.train.classifier import load_noisy_classifier
 
     if not options.classifier:
         raise DifflabError("classifier guidance (classifier_scale) needs a noise-aware classifier (--classifier)")
     classifier, diffusion_config = load_noisy_classifier(options.classifier)
-    ours = config.diffusion
-    if (diffusion_config.schedule, diffusion_config.timesteps) != (ours.schedule, ours.timesteps):
-        raise DifflabError(f"--classifier {options.classifier}: trained on a {diffusion_config.schedule} schedule "
-                           f"with T = {diffusion_config.timesteps}, the model uses {ours.schedule} with "
-                           f"T = {ours.timesteps}")
-    return classifier.to(device)
+    return classifier.to(device), VPPrecond(build_schedule(diffusion_config), diffusion_config.prediction)
 
 
-def guided(denoiser: Denoiser, config: Config, options: SampleConfig, labels: torch.Tensor | None,
-           clip_x0: bool, device: str = "cpu") -> tuple[Denoiser, bool, dict]:
-    """The denoiser with classifier-free guidance, classifier guidance and dynamic thresholding applied as
-    the options ask; whether the sampler should still clip x0 statically; and extra sampler arguments
-    (the ancestral sampler takes classifier guidance as a mean shift, Dhariwal & Nichol 2021, Alg. 1)."""
-    net, extra = denoiser.net, {}
-    mean_channels = sample_shape(config.data)[0] if denoiser.learned_variance else None
+def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Cond | None, device: str = "cpu"):
+    """The denoiser with classifier-free guidance, classifier guidance and thresholding applied as the options
+    ask (in that order: the classifier sees the guided D; thresholds act last)."""
+    model = denoiser
     if options.guidance:
-        classes = getattr(getattr(net, "config", None), "num_classes", None)
-        if not classes or labels is None:
-            raise DifflabError("guidance needs a class-conditional model and class labels (--class)")
-        net = ClassifierFreeGuidance(net, options.guidance, null_label=classes, mean_channels=mean_channels)
+        if not denoiser.conditions or cond is None:
+            raise DifflabError("guidance needs a conditional model and a condition (--class)")
+        model = ClassifierFreeGuidance(model, options.guidance)
     if options.classifier_scale:
-        if labels is None:
+        if cond is None or "label" not in cond:
             raise DifflabError("classifier guidance needs class labels (--class)")
-        classifier = guidance_classifier(config, options, device)
-        if options.sampler in DISCRETE_SAMPLERS:
-            extra["classifier_grad"] = AncestralMeanShift(classifier, options.classifier_scale)
-        else:
-            net = ClassifierGuidance(net, classifier, denoiser.schedule, denoiser.prediction,
-                                     options.classifier_scale, conditional_net=config.data.conditional)
-    if options.dynamic_threshold is not None:
-        net = ThresholdedNet(net, denoiser.schedule, denoiser.prediction,
-                             functools.partial(dynamic_threshold, percentile=options.dynamic_threshold))
-        clip_x0 = False
-    return (denoiser if net is denoiser.net else denoiser.with_net(net)), clip_x0, extra
+        classifier, classifier_precond = guidance_classifier(options, device)
+        model = ClassifierGuidance(model, classifier, classifier_precond, options.classifier_scale)
+    if spec.data_range is not None:                  # pixels: thresholds apply; latents and points are not clipped
+        if options.dynamic_threshold is not None:
+            model = Thresholded(model, functools.partial(dynamic_threshold, percentile=options.dynamic_threshold))
+        elif options.clip_x0:
+            model = Thresholded(model, static_threshold)
+    return model
 
 
-def sample(denoiser: Denoiser, config: Config, n: int, options: SampleConfig | None = None,
-           labels: torch.Tensor | None = None, device: str = "cpu", progress: bool = False) -> torch.Tensor:
-    """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``."""
-    options = options or config.sample
+def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: Cond | None = None,
+           device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None) -> torch.Tensor:
+    """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
+    holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec``."""
+    denoiser, spec = (loaded.denoiser, loaded.spec) if isinstance(loaded, LoadedModel) else (loaded, spec)
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
-    clip_x0 = options.clip_x0 and config.data.dataset != "toy"
-    denoiser, clip_x0, kwargs = guided(denoiser, config, options, labels, clip_x0, device)
-    kwargs.update({name: getattr(options, name) for name in SAMPLER_OPTIONS[options.sampler]
-                   if getattr(options, name) is not None})
-    schedule = build_schedule(config.diffusion)
+    model = guided(denoiser, spec, options, cond, device)
+    kwargs = {name: getattr(options, name) for name in SAMPLER_OPTIONS[options.sampler]
+              if getattr(options, name) is not None}
+    precond = denoiser.precond
     if options.sampler in DISCRETE_SAMPLERS:
-        model, grid = denoiser, schedule.respace(space_timesteps(len(schedule), options.steps))
-        kwargs.update(clip_x0=clip_x0)
+        if not isinstance(precond, VPPrecond):
+            raise DifflabError(f"the {options.sampler} sampler needs a model on a discrete schedule "
+                               f"(diffusion.precond vp), not {precond.kind}")
+        schedule = precond.schedule
+        grid = schedule.respace(space_timesteps(len(schedule), options.steps))
     else:
-        model = SigmaDenoiser(denoiser, clip_x0=clip_x0)
-        grid = build_sigmas(schedule, options.steps, options.spacing, options.rho, options.sigma_min,
-                            options.sigma_max)
-        kwargs.update(prior_std=prior_std(grid))
+        grid = sigma_grid(precond, options.steps, options.spacing, options.rho, options.sigma_min,
+                          options.sigma_max)
+        kwargs.update(prior_std=precond.prior_std(grid[0].item()))
     seeds = [options.seed + i for i in range(n)]
-    return generate(SAMPLERS[options.sampler], model, grid, sample_shape(config.data), seeds,
-                    batch_size=options.batch_size, labels=labels, device=device, progress=progress, **kwargs)
+    return generate(SAMPLERS[options.sampler], model, grid, spec.sample_shape, seeds,
+                    batch_size=options.batch_size, cond=cond, device=device, progress=progress, **kwargs)
+
+
+def class_condition(labels: torch.Tensor | None) -> Cond | None:
+    return Cond(label=labels) if labels is not None else None
 
 
 def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "samples",
@@ -123,3 +130,15 @@ def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "sample
     images = to_uint8_images(samples)
     return [save_grid(images, out_dir / f"{name}.png"),
             save_npz({"images": images.permute(0, 2, 3, 1).numpy(), **extra}, out_dir / f"{name}.npz")]
+
+
+def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu"):
+    """For the trainer: ``preview(ema_denoiser, name)`` writes a grid (or scatter plot) of the model's samples,
+    one per class for a class-conditional model, with the config's sampler, to ``out_dir/samples``."""
+    def preview(denoiser: Denoiser, name: str) -> None:
+        n = config.train.num_sample_images if spec.is_image else 4000
+        classes = spec.num_classes()
+        labels = torch.arange(n) % classes if classes else None
+        samples = sample(denoiser, n, config.sample, class_condition(labels), device, spec=spec)
+        save_samples(samples, Path(config.train.out_dir) / "samples", name)
+    return preview

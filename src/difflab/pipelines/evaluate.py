@@ -20,13 +20,14 @@ import torch
 
 from difflab.config import Config, SampleConfig
 from difflab.data import load_fashion_mnist, to_uint8_images
+from difflab.denoiser import VPPrecond
 from difflab.errors import DifflabError
 from difflab.imageio import save_npz
 from difflab.metrics import (FeatureExtractor, class_accuracy, extract, gaussian_fit, inception_score, kid,
                              load_fmnist_classifier, precision_recall, reference_stats)
 from difflab.metrics.frechet import frechet_distance
 from difflab.metrics.likelihood import bits_per_dim
-from difflab.pipelines.ddpm import LoadedModel, load_model, sample
+from difflab.pipelines.ddpm import LoadedModel, class_condition, load_model, sample
 
 REFERENCE_DATASET = "fashion_mnist"
 REFERENCE_SPLIT = "test"
@@ -85,9 +86,9 @@ def check_fashion_mnist(config: Config, path: Path) -> None:
 def draw_samples(loaded: LoadedModel, n: int, options: SampleConfig, device: str,
                  progress: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n uint8 samples of the checkpoint; balanced class labels when it is class-conditional."""
-    classes = getattr(loaded.denoiser.net.config, "num_classes", None)
+    classes = loaded.spec.num_classes()
     labels = balanced_labels(n, classes) if classes else None
-    images = sample(loaded.denoiser, loaded.config, n, options, labels, device, progress=progress)
+    images = sample(loaded, n, options, class_condition(labels), device, progress=progress)
     return to_uint8_images(images), labels
 
 
@@ -141,6 +142,9 @@ def nll_on_test_set(loaded: LoadedModel, count: int, sampling: SampleConfig, pro
     data = load_fashion_mnist(REFERENCE_SPLIT, loaded.config.data.path, loaded.config.data.image_size,
                               loaded.config.data.resize)
     count = min(count, len(data))
+    if not isinstance(loaded.denoiser.precond, VPPrecond):
+        raise DifflabError(f"--nll: the bound needs a model on a discrete schedule, {loaded.path} is "
+                           f"{loaded.denoiser.precond.kind}")
     x0, _ = data.batch(torch.arange(count))
     result = bits_per_dim(loaded.denoiser, x0, sampling.variance, batch_size=1024, clip_x0=sampling.clip_x0,
                           progress=progress)

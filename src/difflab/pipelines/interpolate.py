@@ -1,45 +1,41 @@
 """DDIM inversion and interpolation (Song et al. 2021, Secs. 4.3 and 5.4): images -> latents x_T by the
 deterministic ODE run forwards, spherical interpolation between latents, latents -> images by DDIM (eta = 0).
 
-Latents are VP-scaled, x_T ~ N(0, I), so a latent of ``invert`` and a fresh N(0, I) draw are interchangeable.
-The grid is uniform in log-sigma up to sigma = 80 (Karras et al. 2022, Sec. 5), not to the schedule's last
-level: the cosine schedule's last sigma is about 2e4, and one Euler step from there multiplies the network's
-eps error by that much (its x0 prediction is only usable clipped, which would break the inversion).
+Latents are scaled to unit variance (x_T ~ N(0, I) for a VP model), so a latent of ``invert`` and a fresh
+N(0, I) draw are interchangeable. The grid is uniform in log-sigma from the model's default sigma_max (80 at
+most, Karras et al. 2022, Sec. 5), not from a cosine schedule's last level (~2e4), where one Euler step
+multiplies the network's error by that much (its x0 is only usable clipped, which would break the inversion).
 """
 
 from __future__ import annotations
 
 import torch
 
-from difflab.build import build_schedule, sample_shape
-from difflab.config import Config
-from difflab.denoiser import Denoiser, SigmaDenoiser
-from difflab.samplers import PerSampleNoise, build_sigmas, ddim_invert, prior_std, sample_ddim, slerp
+from difflab.conditioning import Cond
+from difflab.denoiser import Denoiser
+from difflab.guidance import Thresholded
+from difflab.samplers import PerSampleNoise, ddim_invert, sample_ddim, sigma_grid, slerp
 
 
-LATENT_SIGMA_MAX = 80.0
-
-
-def ddim_grid(config: Config, steps: int) -> torch.Tensor:
-    schedule = build_schedule(config.diffusion)
-    return build_sigmas(schedule, steps, "logsnr", sigma_max=min(LATENT_SIGMA_MAX, schedule.sigmas[-1].item()))
+def ddim_grid(denoiser: Denoiser, steps: int) -> torch.Tensor:
+    return sigma_grid(denoiser.precond, steps, "logsnr")
 
 
 @torch.no_grad()
-def invert(denoiser: Denoiser, config: Config, images: torch.Tensor, steps: int = 50,
-           labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents x_T (VP scale) of ``images`` in [-1, 1], by DDIM inversion over ``steps`` steps."""
-    sigmas = ddim_grid(config, steps)
-    return ddim_invert(SigmaDenoiser(denoiser), images, sigmas, labels) / prior_std(sigmas)
+def invert(denoiser: Denoiser, images: torch.Tensor, steps: int = 50, cond: Cond | None = None) -> torch.Tensor:
+    """Latents x_T (unit scale) of ``images`` in [-1, 1], by DDIM inversion over ``steps`` steps."""
+    sigmas = ddim_grid(denoiser, steps)
+    return ddim_invert(denoiser, images, sigmas, cond) / denoiser.precond.prior_std(sigmas[0].item())
 
 
 @torch.no_grad()
-def decode(denoiser: Denoiser, config: Config, latents: torch.Tensor, steps: int = 50,
-           labels: torch.Tensor | None = None, clip_x0: bool = False) -> torch.Tensor:
+def decode(denoiser: Denoiser, latents: torch.Tensor, steps: int = 50, cond: Cond | None = None,
+           clip_x0: bool = False) -> torch.Tensor:
     """Images of latents x_T by deterministic DDIM; ``decode(invert(x))`` reconstructs x."""
-    sigmas = ddim_grid(config, steps)
+    sigmas = ddim_grid(denoiser, steps)
     noise = PerSampleNoise(range(len(latents)), latents.device)           # unused at eta = 0
-    return sample_ddim(SigmaDenoiser(denoiser, clip_x0=clip_x0), latents * prior_std(sigmas), sigmas, noise, labels)
+    model = Thresholded(denoiser) if clip_x0 else denoiser
+    return sample_ddim(model, latents * denoiser.precond.prior_std(sigmas[0].item()), sigmas, noise, cond)
 
 
 def interpolate(z0: torch.Tensor, z1: torch.Tensor, frames: int) -> torch.Tensor:
@@ -50,5 +46,5 @@ def interpolate(z0: torch.Tensor, z1: torch.Tensor, frames: int) -> torch.Tensor
     return torch.cat(rows)
 
 
-def random_latents(config: Config, seeds: range | list[int]) -> torch.Tensor:
-    return PerSampleNoise(seeds).randn(sample_shape(config.data))
+def random_latents(shape: tuple[int, ...], seeds: range | list[int]) -> torch.Tensor:
+    return PerSampleNoise(seeds).randn(shape)

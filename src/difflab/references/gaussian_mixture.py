@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
@@ -74,9 +76,9 @@ class GaussianMixture:
 
 
 class ExactEpsNet(nn.Module):
-    """The Bayes-optimal eps-prediction network for ``mixture`` on ``schedule``: net(x, t, y=None).
+    """The Bayes-optimal eps-prediction network for ``mixture`` on ``schedule``: net(x, t, cond=None).
 
-    Label ``y`` = K is the null label (unconditional), as in the trained networks. Timesteps may be
+    The record's ``label`` K is the null label (unconditional), as in the trained networks. Timesteps may be
     fractional: alpha-bar then comes from log-sigma interpolated between integer steps, the inverse of the
     sigma-space adapter's ``sigma_to_t``, so the adapter is exactly E[x_0 | x] at any sigma.
     """
@@ -86,7 +88,10 @@ class ExactEpsNet(nn.Module):
         self.mixture, self.schedule = mixture, schedule
         self.num_classes = len(mixture.means)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    consumes = ("label",)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        y = cond.get("label") if cond is not None else None
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
         sigma = t_to_sigma(self.schedule.sigmas.log(), t)
         abar = 1 / (1 + sigma ** 2)

@@ -1,9 +1,10 @@
 """Samplers: one short function each.
 
-- ``sample_ancestral(denoiser, x_T, schedule, noise, y=None, ...)``: DDPM's chain on a discrete schedule;
-- the sigma-space samplers, all ``sample_X(model, x, sigmas, noise, y=None, ...) -> x_0`` with
-  ``model(x, sigma, y)`` = D(x; sigma) (``difflab.denoiser.SigmaDenoiser``), x VE-scaled at sigmas[0], and
-  sigmas from ``sigmas.build_sigmas`` (decreasing, ending in 0). Among them the score-based ``sample_langevin``
+- ``sample_ancestral(denoiser, x_T, schedule, noise, cond=None, ...)``: DDPM's chain on a discrete schedule;
+- the sigma-space samplers, all ``sample_X(model, x, sigmas, noise, cond=None, ...) -> x_0`` with
+  ``model(x, sigma, cond)`` = D(x; sigma, cond) (``difflab.denoiser.Denoiser`` or a wrapper of it, such as
+  guidance), x VE-scaled at sigmas[0], and sigmas from ``sigmas.build_sigmas`` / ``sigmas.sigma_grid``
+  (decreasing, ending in 0). Among them the score-based ``sample_langevin``
   (annealed Langevin dynamics) and ``sample_pc`` (predictor-corrector), which call the network several
   times per noise level.
 
@@ -20,7 +21,7 @@ from difflab.samplers.langevin import sample_langevin, sample_pc
 from difflab.samplers.nfe import CountingModel, steps_for_nfe
 from difflab.samplers.unipc import sample_unipc
 from difflab.samplers.noise import PerSampleNoise
-from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std
+from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std, sigma_grid
 
 SAMPLERS = {
     "ancestral": sample_ancestral,
@@ -33,7 +34,7 @@ SAMPLERS = {
     "langevin": sample_langevin,
     "pc": sample_pc,
 }
-DISCRETE_SAMPLERS = ("ancestral",)          # take (Denoiser, x_T, NoiseSchedule); the others work in sigma space
+DISCRETE_SAMPLERS = ("ancestral",)          # take (denoiser, x_T, NoiseSchedule); the others work in sigma space
 
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 SAMPLER_OPTIONS = {
@@ -49,6 +50,6 @@ SAMPLER_OPTIONS = {
 }
 
 __all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
-           "build_sigmas", "ddim_invert", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
+           "build_sigmas", "ddim_invert", "sigma_grid", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
            "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
            "sample_heun", "sample_langevin", "sample_pc", "sample_unipc", "slerp", "steps_for_nfe"]

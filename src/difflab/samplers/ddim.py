@@ -1,7 +1,7 @@
 """DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models", Eq. 12, written in sigma space.
 
-Every sigma-space sampler has the signature ``sample_X(model, x, sigmas, noise, y=None, ...) -> x_0``:
-``model(x, sigma, y)`` is the denoiser D(x; sigma) (``difflab.denoiser.SigmaDenoiser``), x is VE-scaled
+Every sigma-space sampler has the signature ``sample_X(model, x, sigmas, noise, cond=None, ...) -> x_0``:
+``model(x, sigma, cond)`` is the denoiser D(x; sigma) (``difflab.denoiser.Denoiser`` or a wrapper of it), x is VE-scaled
 (x = x_vp / sqrt(alpha-bar)) at noise level sigmas[0], and ``sigmas`` decrease to a final 0.
 
 Notation map: alpha-bar = 1 / (1 + sigma^2) (the paper's alpha_t is our alpha-bar). Dividing Eq. 12,
@@ -22,19 +22,20 @@ from typing import Callable
 
 import torch
 
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
 @torch.no_grad()
 def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                y: torch.Tensor | None = None, eta: float = 0.0,
+                cond: Cond | None = None, eta: float = 0.0,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """DDIM with noise ``eta`` in [0, 1] (Eqs. 12 and 16); one network evaluation per step."""
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma, y)
+        x0 = model(x, sigma, cond)
         eps = (x - x0) / sigma
         s_up = eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next ** 2 / sigma ** 2))
         x = x0 + math.sqrt(sigma_next ** 2 - s_up ** 2) * eps
@@ -46,17 +47,17 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: P
 
 
 def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                           y: torch.Tensor | None = None, eta: float = 1.0,
+                           cond: Cond | None = None, eta: float = 1.0,
                            callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Euler ancestral (k-diffusion ``sample_euler_ancestral``): an Euler step of the ODE to sigma_down,
     then fresh noise of std sigma_up. Its sigma_up = eta sigma' sqrt(1 - sigma'^2/sigma^2) and sigma_down =
     sqrt(sigma'^2 - sigma_up^2) are DDIM's s_up and the coefficient of eps above, and the Euler step
     x + (sigma_down - sigma)(x - x0)/sigma equals x0 + sigma_down eps: it is DDIM with eta (default 1)."""
-    return sample_ddim(model, x, sigmas, noise, y, eta=eta, callback=callback)
+    return sample_ddim(model, x, sigmas, noise, cond, eta=eta, callback=callback)
 
 
 @torch.no_grad()
-def ddim_invert(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, y: torch.Tensor | None = None,
+def ddim_invert(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, cond: Cond | None = None,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """DDIM inversion: x_0 -> x at sigmas[0], Euler steps of the ODE run forwards (Song et al. 2021, Eq. 13
     from t to t + dt, Sec. 4.3) over the grid that ``sample_ddim`` runs backwards: x' = x + (sigma' - sigma)
@@ -67,7 +68,7 @@ def ddim_invert(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, y: torch
     for i in reversed(range(len(sigmas) - 1)):
         sigma, sigma_next = sigmas[i + 1], sigmas[i]                  # increasing noise
         at = sigma if sigma > 0 else sigma_next
-        eps = (x - model(x, at, y)) / at
+        eps = (x - model(x, at, cond)) / at
         x = x + (sigma_next - sigma) * eps
         if callback is not None:
             callback(i, x)

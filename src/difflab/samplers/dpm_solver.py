@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
@@ -32,13 +33,13 @@ def dpmpp_2m_step(x: torch.Tensor, sigma: float, sigma_next: float, x0: torch.Te
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                    y: torch.Tensor | None = None,
+                    cond: Cond | None = None,
                     callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """N network evaluations for N steps; ``noise`` is unused (the solver is deterministic)."""
     sigmas = sigmas.tolist()
     x0_prev, h_prev = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma, y)
+        x0 = model(x, sigma, cond)
         if sigma_next == 0:
             x = x0
         else:

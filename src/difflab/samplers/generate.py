@@ -1,4 +1,4 @@
-"""Draw many samples in batches, each from its own seed, with a progress bar."""
+"""Draw many samples in batches, each from its own seed, with a progress bar that ticks per sampler step."""
 
 from __future__ import annotations
 
@@ -7,28 +7,29 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from difflab.denoiser import Denoiser
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
-from difflab.schedules import NoiseSchedule
 
 
-def generate(sampler: Callable, denoiser: Denoiser | Callable, schedule: NoiseSchedule | torch.Tensor,
-             shape: Sequence[int], seeds: Sequence[int], batch_size: int = 256, labels: torch.Tensor | None = None,
-             device: torch.device | str = "cpu", progress: bool = False, prior_std: float = 1.0,
-             dtype: torch.dtype = torch.float32, **sampler_kwargs) -> torch.Tensor:
+def generate(sampler: Callable, denoiser: Callable, grid, shape: Sequence[int], seeds: Sequence[int],
+             batch_size: int = 256, cond: Cond | None = None, device: torch.device | str = "cpu",
+             progress: bool = False, prior_std: float = 1.0, dtype: torch.dtype = torch.float32,
+             **sampler_kwargs) -> torch.Tensor:
     """Samples for ``seeds`` (sample i uses only seed i: the result does not depend on ``batch_size``).
 
-    ``denoiser`` and ``schedule`` are what ``sampler`` takes: a ``Denoiser`` and a ``NoiseSchedule`` for
-    ``sample_ancestral``, a ``SigmaDenoiser`` and a sigma grid for the sigma-space samplers, which also
-    need ``prior_std`` (``difflab.samplers.sigmas.prior_std``): x at the first step is N(0, prior_std^2).
+    ``grid`` is what ``sampler`` takes after the denoiser: a (respaced) ``NoiseSchedule`` for
+    ``sample_ancestral``, a sigma grid for the sigma-space samplers, which also need ``prior_std``
+    (``Precond.prior_std``): x at the first step is N(0, prior_std^2). ``cond`` holds one row per seed.
     """
+    steps = len(grid) - 1 if isinstance(grid, torch.Tensor) else len(grid)
+    batches = range(0, len(seeds), batch_size)
+    bar = tqdm(total=steps * len(batches), desc=f"sampling {len(seeds)}", unit="step", disable=not progress)
     outputs = []
-    bar = tqdm(total=len(seeds), desc="sampling", unit="img", disable=not progress)
-    for start in range(0, len(seeds), batch_size):
+    for start in batches:
         noise = PerSampleNoise(seeds[start:start + batch_size], device)
         x = noise.randn(shape, dtype) * prior_std           # x_T ~ N(0, I), VE-scaled if prior_std != 1
-        y = labels[start:start + batch_size].to(device) if labels is not None else None
-        outputs.append(sampler(denoiser, x, schedule, noise, y=y, **sampler_kwargs).cpu())
-        bar.update(len(noise))
+        rows = cond.rows(start, start + len(noise)).to(device) if cond is not None else None
+        outputs.append(sampler(denoiser, x, grid, noise, cond=rows, callback=lambda i, x: bar.update(1),
+                               **sampler_kwargs).cpu())
     bar.close()
     return torch.cat(outputs)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
@@ -29,7 +30,7 @@ def churn(x: torch.Tensor, sigma: float, steps: int, noise: PerSampleNoise, s_ch
 
 @torch.no_grad()
 def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                 y: torch.Tensor | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 cond: Cond | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
                  s_tmax: float = math.inf, s_noise: float = 1.0,
                  callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Alg. 2 without the second-order correction (lines 9-11): N network evaluations for N steps."""
@@ -37,7 +38,7 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: 
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x, sigma_hat = churn(x, sigma, steps, noise, s_churn, s_tmin, s_tmax, s_noise)
-        d = (x - model(x, sigma_hat, y)) / sigma_hat                                 # line 7
+        d = (x - model(x, sigma_hat, cond)) / sigma_hat                                 # line 7
         x = x + (sigma_next - sigma_hat) * d                                         # line 8
         if callback is not None:
             callback(i, x)
@@ -46,7 +47,7 @@ def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: 
 
 @torch.no_grad()
 def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                y: torch.Tensor | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                cond: Cond | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = math.inf, s_noise: float = 1.0,
                 callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Alg. 2 (Alg. 1 when s_churn = 0): Heun's method, Euler on the last step to sigma = 0, so
@@ -55,10 +56,10 @@ def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: P
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         x, sigma_hat = churn(x, sigma, steps, noise, s_churn, s_tmin, s_tmax, s_noise)
-        d = (x - model(x, sigma_hat, y)) / sigma_hat                                 # line 7
+        d = (x - model(x, sigma_hat, cond)) / sigma_hat                                 # line 7
         x_next = x + (sigma_next - sigma_hat) * d                                    # line 8
         if sigma_next > 0:                                                           # lines 9-11
-            d_next = (x_next - model(x_next, sigma_next, y)) / sigma_next
+            d_next = (x_next - model(x_next, sigma_next, cond)) / sigma_next
             x_next = x + (sigma_next - sigma_hat) * (d + d_next) / 2
         x = x_next
         if callback is not None:

@@ -28,27 +28,28 @@ from typing import Callable
 
 import torch
 
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
-def score(model: Callable, x: torch.Tensor, sigma: float, y: torch.Tensor | None = None) -> torch.Tensor:
+def score(model: Callable, x: torch.Tensor, sigma: float, cond: Cond | None = None) -> torch.Tensor:
     """s(x; sigma) = (D(x; sigma) - x) / sigma^2, the score of p_sigma (one network evaluation)."""
-    return (model(x, sigma, y) - x) / sigma ** 2
+    return (model(x, sigma, cond) - x) / sigma ** 2
 
 
 @torch.no_grad()
 def langevin_dynamics(model: Callable, x: torch.Tensor, sigma: float, alpha: float, steps: int,
-                      noise: PerSampleNoise, y: torch.Tensor | None = None) -> torch.Tensor:
+                      noise: PerSampleNoise, cond: Cond | None = None) -> torch.Tensor:
     """Alg. 1, lines 3-6: ``steps`` unadjusted Langevin steps x <- x + alpha/2 s(x; sigma) + sqrt(alpha) z
     at one noise level, whose stationary law tends to p_sigma as alpha -> 0."""
     for _ in range(steps):
-        x = x + alpha / 2 * score(model, x, sigma, y) + math.sqrt(alpha) * noise.randn_like(x)
+        x = x + alpha / 2 * score(model, x, sigma, cond) + math.sqrt(alpha) * noise.randn_like(x)
     return x
 
 
 @torch.no_grad()
 def sample_langevin(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                    y: torch.Tensor | None = None, langevin_steps: int = 10, step_size: float = 2e-5,
+                    cond: Cond | None = None, langevin_steps: int = 10, step_size: float = 2e-5,
                     callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Annealed Langevin dynamics (Alg. 1): ``langevin_steps`` (T) steps at each sigma_i of ``sigmas[:-1]``
     with step alpha_i = ``step_size`` (epsilon) * sigma_i^2 / sigma_L^2, then, if ``sigmas`` ends in 0, the
@@ -62,9 +63,9 @@ def sample_langevin(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, nois
     sigma_last = sigmas[-2]
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         alpha = step_size * sigma ** 2 / sigma_last ** 2
-        x = langevin_dynamics(model, x, sigma, alpha, langevin_steps, noise, y)
+        x = langevin_dynamics(model, x, sigma, alpha, langevin_steps, noise, cond)
         if sigma_next == 0:                                         # the denoising step, Tweedie's formula
-            x = model(x, sigma, y)
+            x = model(x, sigma, cond)
         if callback is not None:
             callback(i, x)
     return x
@@ -72,7 +73,7 @@ def sample_langevin(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, nois
 
 @torch.no_grad()
 def sample_pc(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-              y: torch.Tensor | None = None, langevin_steps: int = 1, snr: float = 0.16,
+              cond: Cond | None = None, langevin_steps: int = 1, snr: float = 0.16,
               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Predictor-corrector sampling (Alg. 2 with the corrector of Alg. 4, VE SDE), in the order of the
     paper's code (``pc_sampler`` of yang-song/score_sde): at each sigma_i, ``langevin_steps`` (M) corrector
@@ -90,12 +91,12 @@ def sample_pc(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: Per
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         for _ in range(langevin_steps):                                                  # corrector, Alg. 4
-            s = score(model, x, sigma, y)
+            s = score(model, x, sigma, cond)
             z = noise.randn_like(x)
             e = 2 * (snr * mean_norm(z) / mean_norm(s)) ** 2
             x = x + e * s + math.sqrt(2 * e) * z
         variance = sigma ** 2 - sigma_next ** 2                                          # predictor, Alg. 2
-        x = x + variance * score(model, x, sigma, y)
+        x = x + variance * score(model, x, sigma, cond)
         if sigma_next > 0:
             x = x + math.sqrt(variance) * noise.randn_like(x)
         if callback is not None:

@@ -17,6 +17,16 @@ class CountingModel:
         self.nfe += 1
         return self.model(*args, **kwargs)
 
+    def output(self, *args, **kwargs):
+        """``model.output`` (D and a learned variance, as the ancestral sampler calls it), counted too."""
+        self.nfe += 1
+        return self.model.output(*args, **kwargs)
+
+    def __getattr__(self, name: str):            # precond, conditions, ...: those of the wrapped model
+        if name in ("model", "nfe"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
 
 def steps_for_nfe(sampler: str, nfe: int, langevin_steps: int = 1) -> int:
     """The ``steps`` (noise levels) that give ``sampler`` at most ``nfe`` network evaluations: Heun takes

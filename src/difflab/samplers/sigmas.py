@@ -90,3 +90,22 @@ def prior_std(sigmas: torch.Tensor) -> float:
     """Standard deviation of x at sigmas[0] in VE scaling for a VP model: x_T ~ N(0, I) becomes
     x = x_T / sqrt(alpha-bar) = x_T sqrt(1 + sigma^2) (diffusers' ``init_noise_sigma``)."""
     return math.sqrt(1 + sigmas[0].item() ** 2)
+
+
+def sigma_grid(precond, steps: int | str, spacing: str = "karras", rho: float = KARRAS_RHO,
+               sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
+    """The sigma grid of ``steps`` steps for a model with preconditioning ``precond``. Continuous spacings
+    span [precond.sigma_min, precond.default_sigma_max] unless told otherwise (a VP model's grid starts at
+    sigma 80 at most: Karras et al. 2022's sigma_max for data in [-1, 1], where the cosine schedule would start
+    at ~2e4); the discrete spacings take the training timesteps of a VP model's schedule."""
+    schedule = getattr(precond, "schedule", None)
+    if spacing in ("karras", "logsnr"):
+        if isinstance(steps, str) and not steps.isdigit():
+            raise DifflabError(f"sections like {steps!r} are only supported by the 'uniform' spacing")
+        low = precond.sigma_min if sigma_min is None else sigma_min
+        high = precond.default_sigma_max if sigma_max is None else sigma_max
+        return karras_sigmas(int(steps), low, high, rho if spacing == "karras" else math.inf)
+    if schedule is None:
+        raise DifflabError(f"spacing {spacing!r} takes a discrete schedule's timesteps; a {precond.kind} model "
+                           f"has none (use karras or logsnr)")
+    return build_sigmas(schedule, steps, spacing, rho, sigma_min, sigma_max)

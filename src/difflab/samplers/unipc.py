@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from difflab.samplers.dpm_solver import dpmpp_2m_step
+from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
@@ -64,7 +65,7 @@ def unic_step(x_prev: torch.Tensor, sigma_prev: float, sigma: float, outputs: li
 
 @torch.no_grad()
 def sample_unipc(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
-                 y: torch.Tensor | None = None,
+                 cond: Cond | None = None,
                  callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """UniPC-2 (UniP-2 + UniC): N network evaluations for N steps; ``noise`` is unused."""
     sigmas = sigmas.tolist()
@@ -72,7 +73,7 @@ def sample_unipc(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: 
     output_sigmas: list[float] = []
     x_prev, h_prev = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        d = model(x, sigma, y)
+        d = model(x, sigma, cond)
         if outputs:                                                        # UniC on the step just taken
             x = unic_step(x_prev, sigmas[i - 1], sigma, outputs, output_sigmas, d)
         outputs, output_sigmas = (outputs + [d])[-2:], (output_sigmas + [sigma])[-2:]

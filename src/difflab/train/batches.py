@@ -11,9 +11,9 @@ global batch, and a run can be resumed with a different number of ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
+
+from difflab.conditioning import Cond
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant to spread (seed, index) pairs apart
 EPOCH_STREAM, STEP_STREAM, DROPOUT_STREAM = 1, 2, 3
@@ -58,29 +58,36 @@ def dropout_seed(seed: int, step: int, rank: int = 0) -> int:
     return derived_seed(seed, step, stream=DROPOUT_STREAM + RANK_STREAM_STRIDE * rank)
 
 
-@dataclass
 class StepBatch:
-    """A step's examples, timesteps, noise and (possibly dropped) labels, batch first."""
-    x0: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
-    y: torch.Tensor | None = None
-    weights: torch.Tensor | None = None     # per-example loss weights (importance-sampled timesteps)
+    """A step's tensors (examples, noise, noise levels, loss weights, ...; batch first) and its condition
+    record, as an objective drew them. Fields are read as attributes (``batch.x0``); a missing one is None."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], cond: Cond | None = None):
+        self.tensors = {k: v for k, v in tensors.items() if v is not None}
+        self.cond = cond
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("tensors", "cond"):
+            raise AttributeError(name)
+        return self.tensors.get(name)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
 
     def _map(self, fn) -> "StepBatch":
-        return StepBatch(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                            for f in fields(self)})
+        return StepBatch({k: fn(v) for k, v in self.tensors.items()},
+                         self.cond.map(fn) if self.cond is not None else None)
 
     def shard(self, rank: int, world_size: int) -> "StepBatch":
         """Rank ``rank``'s contiguous slice of the global batch."""
-        size = self.t.shape[0] // world_size
+        size = len(self) // world_size
         return self._map(lambda v: v[rank * size:(rank + 1) * size])
 
     def split(self, parts: int) -> list["StepBatch"]:
         """``parts`` equal micro-batches (gradient accumulation); the batch itself when ``parts`` is 1."""
         if parts == 1:
             return [self]
-        size = self.t.shape[0] // parts
+        size = len(self) // parts
         return [self._map(lambda v, i=i: v[i * size:(i + 1) * size]) for i in range(parts)]
 
     def to(self, device: torch.device, channels_last: bool = False) -> "StepBatch":

@@ -3,10 +3,10 @@ Sec. 4.1: "we train a classifier on noisy images x_t ... with the same noise dis
 model"; ADM's ``scripts/classifier_train.py``).
 
 Each step: a batch (x_0, y) of labelled images, t uniform on the diffusion model's schedule, x_t =
-q_sample(x_0, t, eps), cross-entropy of classifier(x_t, t) against y, AdamW, EMA. The schedule must be the
-one of the diffusion model the classifier will guide: it is saved with the weights, and
-``load_noisy_classifier`` returns it for the caller to check. As in ``trainer.py``, each step is a pure
-function of (weights, optimiser state, seed, step) (``batches.py``).
+q_sample(x_0, t, eps), cross-entropy of classifier(x_t, t) against y (``objectives.NoisyClassifierObjective``),
+run by the common training loop (``trainer.py``: AdamW, EMA, time budget, exact resume, logs). The schedule is
+saved with the weights; ``load_noisy_classifier`` returns it, so guidance feeds the classifier the inputs it
+was trained on (``classifier_guidance.py``).
 
 The file is ``noisy_classifier.safetensors``: model, EMA and optimiser tensors, the experiment config and
 the training state (step, test accuracies) as JSON in its metadata, written atomically like checkpoints.
@@ -16,47 +16,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from difflab import diffusion
 from difflab.build import build_data, build_schedule
-from difflab.checkpoint import Checkpoint, load_optimizer, load_weights, read_safetensors, save_checkpoint
-from difflab.config import DataConfig, DiffusionConfig, from_dict, load_config
+from difflab.checkpoint import Checkpoint, load_weights, read_safetensors, save_checkpoint
+from difflab.config import DataConfig, DiffusionConfig, TrainConfig, from_dict, load_config
 from difflab.data import InMemoryData
 from difflab.errors import DifflabError
 from difflab.nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
 from difflab.schedules import NoiseSchedule
-from difflab.train.batches import EpochBatches, dropout_seed, step_generator
-from difflab.train.distributed import resolve_device
-from difflab.train.ema import EMA
+from difflab.train.distributed import single_process
+from difflab.train.objectives import NoisyClassifierObjective
+from difflab.train.trainer import RESUMABLE_CHANGES, Trainer
 
 FORMAT = "difflab-noisy-classifier/1"
 CLASSIFIER_NAME = "noisy_classifier.safetensors"
 
 
 @dataclass
-class ClassifierTrainConfig:
+class ClassifierTrainConfig(TrainConfig):
+    """The training loop's settings with a classifier's defaults (ADM's: AdamW 3e-4, weight decay 0.05,
+    constant rate, no warm-up or clipping), and the test evaluation after training."""
     out_dir: str = "runs/noisy_classifier"
     steps: int = 5000
-    max_minutes: float | None = None        # stop (and save) after this wall-clock budget
     batch_size: int = 64
     lr: float = 3e-4                        # ADM's classifiers: 3e-4 (6e-4 at 64x64), AdamW
     weight_decay: float = 0.05
-    ema_halflife_images: float = 20_000.0   # as TrainConfig: EMA half-life in training images
+    warmup_steps: int = 0
+    grad_clip: float | None = None
+    ema_halflife_images: float = 20_000.0
     ema_rampup_ratio: float | None = 0.1
-    seed: int = 0
-    log_every: int = 50
     checkpoint_every: int = 500
+    sample_every: int = 10 ** 12            # no previews
     eval_timesteps: tuple[int, ...] = (0, 250, 500, 750, 999)   # test accuracy at these t after training
     eval_examples: int = 2000               # test-split examples scored (0: no evaluation)
-    device: str = "auto"                    # cpu | cuda | auto
 
 
 @dataclass
@@ -153,108 +150,32 @@ def evaluate_noisy_classifier(model: torch.nn.Module, data: InMemoryData, schedu
 
 
 # -- training -------------------------------------------------------------------------------------------------
-def classifier_step(model: NoisyClassifier, optimizer: torch.optim.Optimizer, data: InMemoryData,
-                    batches: EpochBatches, schedule: NoiseSchedule, seed: int, step: int,
-                    device: torch.device) -> tuple[float, float]:
-    """One AdamW step of cross-entropy on (x_t, t, y); returns (loss, batch accuracy)."""
-    g = step_generator(seed, step)
-    x0, y = data.batch(batches.indices(step))
-    t = torch.randint(0, len(schedule), (x0.shape[0],), generator=g)
-    xt = diffusion.q_sample(schedule, x0, t, torch.randn(x0.shape, generator=g))
-    torch.manual_seed(dropout_seed(seed, step))
-    logits = model(xt.to(device), t.to(device))                   # (B, classes)
-    loss = F.cross_entropy(logits, y.to(device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), (logits.argmax(1) == y.to(device)).float().mean().item()
-
-
-# Settings that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = ("steps", "max_minutes", "log_every", "checkpoint_every", "eval_timesteps", "eval_examples",
-                     "device")
-
-
-def check_resumable(saved: ClassifierExperiment, current: ClassifierExperiment, path: Path) -> None:
-    keep = {name: getattr(current.train, name) for name in RESUMABLE_CHANGES}
-    same_data = dataclasses.replace(saved.data, path=current.data.path, download=current.data.download)
-    if (dataclasses.replace(saved, name=current.name, data=same_data, train=dataclasses.replace(saved.train, **keep))
-            != current):
-        raise DifflabError(f"--resume: {path} was trained with another configuration (only "
-                           f"{', '.join('train.' + n for n in RESUMABLE_CHANGES)} may change)")
+RESUMABLE = RESUMABLE_CHANGES | {"train.eval_timesteps", "train.eval_examples"}
 
 
 def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = True,
                            resume: bool = False) -> ClassifierTrainResult:
-    """Train as ``experiment`` says, from scratch or (``resume``) from the out_dir's file, continuing exactly
-    (each step is a pure function of weights, optimiser state, seed and step); writes metrics.jsonl and the
-    classifier file to out_dir."""
+    """Train as ``experiment`` says, from scratch or (``resume``) from the out_dir's file, continuing exactly;
+    writes metrics.jsonl and the classifier file to out_dir, then scores the EMA weights on the test split."""
     t = experiment.train
-    device = resolve_device(t.device)
+    dist = single_process(t.device)
     torch.manual_seed(t.seed)                                    # initial weights
     data = build_data(experiment.data)
     experiment = dataclasses.replace(experiment, classifier=fit_to_data(experiment.classifier, data))
     schedule = build_schedule(experiment.diffusion)
-    model = NoisyClassifier(experiment.classifier).to(device)
-    ema = EMA(model, t.ema_halflife_images, t.ema_rampup_ratio)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    batches = EpochBatches(len(data), t.batch_size, t.seed)
-    out_dir, path = Path(t.out_dir), Path(t.out_dir) / CLASSIFIER_NAME
-    step = 0
-    if resume:
-        if not path.exists():
-            raise DifflabError(f"--resume: {path} does not exist (refusing to start from scratch)")
-        checkpoint = read_noisy_classifier(path)
-        check_resumable(checkpoint.config, experiment, path)
-        load_weights(model, checkpoint, "model")
-        load_weights(ema.model, checkpoint, "ema")
-        load_optimizer(optimizer, checkpoint)
-        step = int(checkpoint.state["step"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def save(step: int, accuracy: dict | None = None) -> Path:
-        state = {"step": step, "images_seen": step * t.batch_size, "test_accuracy": accuracy or {}}
-        return save_noisy_classifier(path, experiment, state, model, ema.model, optimizer)
-
-    start = window = time.perf_counter()
-    losses, stopped_by, last_loss = [], "steps", math.nan
-    budget = f" (stops after {t.max_minutes:g} min)" if t.max_minutes is not None else ""
-    bar = tqdm(total=t.steps, initial=step, desc=f"training classifier{budget}", unit="step", disable=not progress)
-    try:
-        while step < t.steps:
-            last_loss, batch_accuracy = classifier_step(model, optimizer, data, batches, schedule, t.seed, step, device)
-            losses.append((last_loss, batch_accuracy))
-            step += 1
-            ema.update(model, step * t.batch_size, t.batch_size)
-            bar.update(1)
-            if step % t.log_every == 0 or step == t.steps:
-                record = {"step": step, "loss": sum(l for l, _ in losses) / len(losses),
-                          "accuracy": sum(a for _, a in losses) / len(losses),
-                          "images_per_s": len(losses) * t.batch_size / max(time.perf_counter() - window, 1e-9),
-                          "elapsed_s": time.perf_counter() - start}
-                log(out_dir, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-                window, losses = time.perf_counter(), []
-            if step % t.checkpoint_every == 0:
-                save(step)
-            if t.max_minutes is not None and time.perf_counter() - start > 60 * t.max_minutes:
-                stopped_by = "time"
-                break
-    finally:
-        bar.close()
-        save(step)                                               # also when interrupted
+    objective = NoisyClassifierObjective(NoisyClassifier(experiment.classifier).to(dist.device), schedule)
+    trainer = Trainer(experiment, objective, data, resume=resume, progress=progress, dist=dist,
+                      file_format=FORMAT, checkpoint_name=CLASSIFIER_NAME, resumable=RESUMABLE)
+    result = trainer.run()
     accuracy = {}
     if t.eval_examples > 0:                                      # the EMA weights, as load_noisy_classifier gives
         test = build_data(experiment.data, split="test")
-        accuracy = evaluate_noisy_classifier(ema.model, test, schedule, t.eval_timesteps,
+        accuracy = evaluate_noisy_classifier(trainer.ema.model, test, schedule, t.eval_timesteps,
                                              max_examples=t.eval_examples, seed=t.seed)
-        log(out_dir, {"step": step, "test_accuracy": accuracy})
-    return ClassifierTrainResult(step, save(step, accuracy), last_loss, accuracy, stopped_by)
-
-
-def log(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        trainer.log({"step": result.step, "test_accuracy": accuracy})
+        trainer.extra_state["test_accuracy"] = accuracy
+        trainer.save()
+    return ClassifierTrainResult(result.step, result.checkpoint, result.last_loss, accuracy, result.stopped_by)
 
 
 def train_classifier_from_yaml(path: str | Path, overrides: list[str] | None = None,

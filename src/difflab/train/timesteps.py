@@ -1,4 +1,5 @@
-"""Which timesteps a training batch uses: uniform, or importance-sampled (Nichol & Dhariwal 2021, Sec. 3.3).
+"""Which noise levels a training batch uses: on a discrete schedule, uniform or importance-sampled timesteps
+(Nichol & Dhariwal 2021, Sec. 3.3); for continuous-noise models (EDM), log-normal sigmas.
 
 Importance sampling of L_vlb: p_t proportional to sqrt(E[L_t^2]), estimated from the last ``history``
 losses seen at each t; uniform until every t has that many (the paper's "we keep a history of the previous
@@ -75,6 +76,16 @@ class ImportanceTimesteps(UniformTimesteps):
         if tensors:
             self.losses.copy_(tensors["losses"])
             self.counts.copy_(tensors["counts"])
+
+
+class LogNormalSigmas:
+    """Karras et al. 2022, Sec. 5 and Table 1 (EDM training): ln(sigma) ~ N(p_mean, p_std^2)."""
+
+    def __init__(self, p_mean: float = -1.2, p_std: float = 1.2):
+        self.p_mean, self.p_std = p_mean, p_std
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return (torch.randn(batch, generator=generator, dtype=torch.float64) * self.p_std + self.p_mean).exp()
 
 
 def build_timestep_sampler(name: str, num_timesteps: int) -> UniformTimesteps:

@@ -1,0 +1,149 @@
+"""Conditions as one record: ``Cond(label=..., text=..., ...)`` carried from the data through the objective,
+the networks, guidance and the samplers, which never look inside it.
+
+Two kinds of object:
+
+- ``Cond``, the record: named tensors, batch first (one row per example). It is sliced, concatenated and moved
+  as a whole, so a sampler batches it like x and guidance doubles it like x.
+- ``Condition``, the description of one field, kept with the model: its name, its "null" value (what "no
+  condition" means for it) and its training dropout, the probability of replacing it by that null value
+  (Ho & Salimans 2021, Sec. 3.2: the unconditional model is the conditional one at the null condition).
+  The same object supplies the null value in training (dropout) and in sampling (classifier-free guidance),
+  so the two cannot disagree.
+
+A network reads the fields it consumes (``cond.get("label")``); a missing field means its null value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from difflab.errors import DifflabError
+
+
+class Cond(Mapping):
+    """An immutable record of named condition tensors with a common batch size."""
+
+    def __init__(self, fields: Mapping[str, torch.Tensor] | None = None, **named: torch.Tensor):
+        self._fields = {**(fields or {}), **named}
+        sizes = {name: value.shape[0] for name, value in self._fields.items()}
+        if len(set(sizes.values())) > 1:
+            raise DifflabError(f"condition fields have different batch sizes: {sizes}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._fields[name]
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return "Cond(" + ", ".join(f"{k}={tuple(v.shape)}" for k, v in self._fields.items()) + ")"
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Cond":
+        return Cond({name: fn(value) for name, value in self._fields.items()})
+
+    def replace(self, **fields: torch.Tensor) -> "Cond":
+        return Cond({**self._fields, **fields})
+
+    def to(self, device: torch.device | str) -> "Cond":
+        return self.map(lambda v: v.to(device))
+
+    def rows(self, start: int, stop: int) -> "Cond":
+        return self.map(lambda v: v[start:stop])
+
+    @staticmethod
+    def cat(records: Iterable["Cond"]) -> "Cond":
+        """Row-wise concatenation of records with the same fields (e.g. conditional + unconditional)."""
+        records = list(records)
+        names = set(records[0])
+        if any(set(r) != names for r in records):
+            raise DifflabError("cannot concatenate condition records with different fields")
+        return Cond({name: torch.cat([r[name] for r in records]) for name in records[0]})
+
+
+# -- descriptions of condition fields ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Condition:
+    """One condition field: its ``name`` in the record and its training ``dropout`` probability."""
+    name: str
+    dropout: float = 0.0
+
+    kind = "tensor"
+
+    def null_like(self, value: torch.Tensor) -> torch.Tensor:
+        """The null condition, shaped like ``value``: zeros (an empty embedding) unless a kind says otherwise."""
+        return torch.zeros_like(value)
+
+    def check(self, value: torch.Tensor) -> None:
+        """Raise a clear error when ``value`` cannot be this condition."""
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class ClassLabel(Condition):
+    """An integer class in [0, num_classes); the null label is ``num_classes`` (an extra embedding row)."""
+    num_classes: int = 0
+
+    kind = "class_label"
+
+    def null_like(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(value, self.num_classes)
+
+    def check(self, value: torch.Tensor) -> None:
+        if value.dtype.is_floating_point or value.ndim != 1:
+            raise DifflabError(f"condition {self.name!r}: expected a 1-D integer tensor of class ids, "
+                               f"got {value.dtype} {tuple(value.shape)}")
+        if len(value) and (int(value.min()) < 0 or int(value.max()) > self.num_classes):
+            raise DifflabError(f"condition {self.name!r}: class ids must lie in [0, {self.num_classes - 1}] "
+                               f"(or {self.num_classes}, the null label)")
+
+
+CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel}
+
+
+def condition_from_json(values: dict) -> Condition:
+    values = dict(values)
+    kind = values.pop("kind", None)
+    if kind not in CONDITION_KINDS:
+        raise DifflabError(f"unknown condition kind {kind!r}; known: {sorted(CONDITION_KINDS)}")
+    try:
+        return CONDITION_KINDS[kind](**values)
+    except TypeError as e:
+        raise DifflabError(f"invalid {kind} condition {values}: {e}") from None
+
+
+# -- null values: dropout in training, guidance in sampling ------------------------------------------------------
+def with_null(cond: Cond, conditions: Mapping[str, Condition], names: Iterable[str] | None = None,
+              mask: torch.Tensor | None = None) -> Cond:
+    """``cond`` with the fields ``names`` (default: all described ones present) replaced by their null values,
+    in every row or only where the boolean (B,) ``mask`` is true."""
+    names = [n for n in (conditions if names is None else names) if n in cond]
+    replaced = {}
+    for name in names:
+        if name not in conditions:
+            raise DifflabError(f"condition {name!r} is not one the model knows ({', '.join(conditions) or 'none'})")
+        value, null = cond[name], conditions[name].null_like(cond[name])
+        if mask is None:
+            replaced[name] = null
+        else:
+            rows = mask.to(value.device).reshape(-1, *([1] * (value.ndim - 1)))
+            replaced[name] = torch.where(rows, null, value)
+    return cond.replace(**replaced)
+
+
+def drop_conditions(cond: Cond, conditions: Mapping[str, Condition], generator: torch.Generator) -> Cond:
+    """Training dropout: each described field is replaced by its null value with its own probability, one
+    independent draw per row and field (fields in the order of ``conditions``)."""
+    for name, condition in conditions.items():
+        if name in cond and condition.dropout > 0:
+            drop = torch.rand(cond[name].shape[:1], generator=generator) < condition.dropout
+            cond = with_null(cond, conditions, [name], drop)
+    return cond

@@ -1,0 +1,71 @@
+"""Networks by name: a config dataclass, the module it builds, and how its sizes follow from the data.
+
+``resolve_network("unet", options, sample_shape, ...)`` validates the options strictly (an unknown or mistyped
+key names ``model.unet.<key>``) and fits the input/output channels, image size and classes to the data; the
+resolved config is saved with the weights, and ``load_network`` builds the module from it without data. A new
+network is one file in ``difflab.nets`` and one entry in ``NETWORKS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from difflab.errors import DifflabError
+from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.unet import UNet, UNetConfig
+from difflab.typed import from_dict, to_dict
+
+
+@dataclass(frozen=True)
+class NetworkEntry:
+    config: type
+    module: Callable[[Any], nn.Module]
+    fit: Callable[[Any, tuple[int, ...], int, int | None], Any]   # (config, sample shape, out channels, classes)
+
+
+def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, classes: int | None) -> UNetConfig:
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise DifflabError(f"model.kind 'unet' needs square image data (C, H, H), got sample shape {shape}")
+    return dataclasses.replace(config, in_channels=shape[0], image_size=shape[1], out_channels=out_channels,
+                               num_classes=classes)
+
+
+def fit_mlp(config: MLPConfig, shape: tuple[int, ...], out_channels: int, classes: int | None) -> MLPConfig:
+    if len(shape) != 1:
+        raise DifflabError(f"model.kind 'mlp' needs vector data (D,), got sample shape {shape}")
+    if out_channels != shape[0]:
+        raise DifflabError("model.kind 'mlp' outputs one value per input dimension (no learned variance)")
+    return dataclasses.replace(config, dim=shape[0], num_classes=classes)
+
+
+NETWORKS: dict[str, NetworkEntry] = {
+    "unet": NetworkEntry(UNetConfig, UNet, fit_unet),
+    "mlp": NetworkEntry(MLPConfig, MLP, fit_mlp),
+}
+
+
+def network_entry(kind: str) -> NetworkEntry:
+    if kind not in NETWORKS:
+        raise DifflabError(f"unknown model.kind {kind!r}; choose one of {sorted(NETWORKS)}")
+    return NETWORKS[kind]
+
+
+def network_config(kind: str, options: dict) -> Any:
+    """The typed config of network ``kind`` from the ``model.<kind>`` section (strictly checked)."""
+    return from_dict(network_entry(kind).config, options or {}, f"model.{kind}.")
+
+
+def resolve_network(kind: str, options: dict, sample_shape: tuple[int, ...], out_channels: int,
+                    num_classes: int | None) -> dict:
+    """The network's options with its sizes fitted to the data: what is saved with the weights."""
+    entry = network_entry(kind)
+    return to_dict(entry.fit(network_config(kind, options), tuple(sample_shape), out_channels, num_classes))
+
+
+def load_network(kind: str, resolved: dict) -> nn.Module:
+    """A network from the resolved options of ``resolve_network``."""
+    return network_entry(kind).module(network_config(kind, resolved))

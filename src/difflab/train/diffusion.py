@@ -1,0 +1,71 @@
+"""Training a diffusion model: the experiment's data and model, its ``DiffusionObjective``, the common loop.
+
+    trainer = diffusion_trainer(load_config("configs/fashion_mnist.yaml"))
+    trainer.run()
+
+The checkpoint holds the model's description (``ModelSpec``, metadata record "model") beside the weights, so
+sampling rebuilds the model from the file alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from difflab.build import build_data, build_model
+from difflab.config import Config
+from difflab.denoiser import Denoiser
+from difflab.errors import DifflabError
+from difflab.model import ModelSpec
+from difflab.losses import LOSSES, build_loss, check_loss
+from difflab.train import distributed
+from difflab.train.distributed import DistributedContext
+from difflab.train.objectives import DiffusionObjective, diffusion_levels
+from difflab.train.timesteps import TIMESTEP_SAMPLERS
+from difflab.train.trainer import Trainer
+
+
+def check_objective(config: Config) -> None:
+    """The loss and timestep sampler exist, and L_hybrid has a variance to train."""
+    t = config.train
+    if t.loss not in LOSSES:
+        raise DifflabError(f"unknown train.loss {t.loss!r}; choose one of {LOSSES}")
+    if t.timestep_sampling not in TIMESTEP_SAMPLERS:
+        raise DifflabError(f"unknown train.timestep_sampling {t.timestep_sampling!r}; "
+                           f"choose one of {TIMESTEP_SAMPLERS}")
+    if t.loss == "hybrid" and not config.diffusion.learn_variance:
+        raise DifflabError("train.loss 'hybrid' trains the reverse variance: set diffusion.learn_variance: true")
+    if t.gradient_checkpointing and config.model.kind != "unet":
+        raise DifflabError(f"train.gradient_checkpointing needs model.kind 'unet', not {config.model.kind!r}")
+    if t.min_snr_gamma is not None and (t.loss == "vlb" or t.min_snr_gamma <= 0):
+        raise DifflabError(f"train.min_snr_gamma {t.min_snr_gamma} weights L_simple: it needs a positive value "
+                           f"and train.loss 'simple' or 'hybrid', not {t.loss!r}")
+
+
+def diffusion_objective(config: Config, denoiser: Denoiser) -> DiffusionObjective:
+    t = config.train
+    check_loss(t.loss, denoiser)
+    levels = diffusion_levels(denoiser, t.timestep_sampling, config.diffusion.p_mean, config.diffusion.p_std)
+    return DiffusionObjective(denoiser, build_loss(t.loss, t.vlb_weight, t.min_snr_gamma), levels)
+
+
+def diffusion_trainer(config: Config, resume: bool | str | Path = False, progress: bool = True,
+                      dist: DistributedContext | None = None,
+                      preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None) -> Trainer:
+    """The loop for ``config``. ``preview(spec)``, if given, makes the callback ``(ema_denoiser, name)`` that
+    the loop calls every ``train.sample_every`` steps and at the end (the CLI writes sample grids with it)."""
+    check_objective(config)
+    dist = dist or distributed.single_process(config.train.device)
+    torch.manual_seed(config.train.seed)                         # initial weights, the same on every rank
+    data = build_data(config.data)
+    denoiser, spec = build_model(config, data)
+    denoiser = denoiser.to(dist.device)
+    objective = diffusion_objective(config, denoiser)
+    callback = preview(spec) if preview is not None else None
+    ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
+    trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,
+                      metadata={"model": spec.to_json()})
+    trainer.denoiser, trainer.spec = denoiser, spec
+    return trainer

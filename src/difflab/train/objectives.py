@@ -1,0 +1,104 @@
+"""Training objectives: what a step optimises, apart from how the loop runs it (``trainer.py``).
+
+An objective owns the module it trains (``trained``: the optimiser and the EMA follow it, DDP wraps it), the
+randomness of a step (``draw``: from the step's generator, for the whole global batch, so every rank and a
+resumed run draw the same), and the loss (``loss``: one value per example, computed with the forward module
+the loop hands it: the trained one, wrapped for DDP or compiled). State that must survive a resume (the
+importance sampler's history) is in ``state_tensors``.
+
+- ``DiffusionObjective``: a denoiser's loss (``difflab.losses``) at sampled noise levels: uniform or
+  importance-sampled timesteps of a VP schedule, or EDM's log-normal sigmas; condition dropout as each
+  condition field describes it (Ho & Salimans 2021).
+- ``NoisyClassifierObjective``: cross-entropy of a noise-aware classifier p(y | x_t, t) on x_t ~ q(x_t | x_0)
+  with uniform t on the schedule of the model it will guide (Dhariwal & Nichol 2021, Sec. 4.1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from difflab import diffusion
+from difflab.conditioning import Cond, drop_conditions
+from difflab.denoiser import Denoiser, VPPrecond
+from difflab.schedules import NoiseSchedule
+from difflab.train.batches import StepBatch
+from difflab.train.timesteps import LogNormalSigmas, UniformTimesteps
+
+
+class Objective(Protocol):
+    trained: nn.Module
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch: ...
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor | tuple[torch.Tensor, dict]: ...
+
+
+class DiffusionObjective:
+    """``loss_fn(denoiser, x0, noise, sigma, cond, t)`` at noise levels from ``levels``."""
+
+    def __init__(self, denoiser: Denoiser, loss_fn: Callable, levels: UniformTimesteps | LogNormalSigmas):
+        self.denoiser, self.loss_fn, self.levels = denoiser, loss_fn, levels
+        self.trained = denoiser.net
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch:
+        """Noise levels, then noise, then condition dropout, all from ``generator``."""
+        t = weights = None
+        if isinstance(self.levels, LogNormalSigmas):
+            sigma = self.levels.sample(x0.shape[0], generator)
+        else:
+            t, weights = self.levels.sample(x0.shape[0], generator)
+            sigma = self.denoiser.precond.schedule.sigmas[t]
+        noise = torch.randn(x0.shape, generator=generator)
+        if cond is not None:
+            cond = Cond({k: v for k, v in cond.items() if k in self.denoiser.conditions})
+            cond = drop_conditions(cond, self.denoiser.conditions, generator) if len(cond) else None
+        return StepBatch({"x0": x0, "noise": noise, "sigma": sigma, "t": t, "weights": weights}, cond)
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
+        return self.loss_fn(self.denoiser.with_net(forward), batch.x0, batch.noise, batch.sigma, batch.cond,
+                            batch.t)
+
+    def observe(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """The examples' unweighted losses at their timesteps (the importance sampler's history)."""
+        if isinstance(self.levels, UniformTimesteps):
+            self.levels.update(t, losses)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.levels, UniformTimesteps):
+            return {f"timesteps.{k}": v for k, v in self.levels.state_tensors().items()}
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if isinstance(self.levels, UniformTimesteps):
+            self.levels.load_state_tensors({k.removeprefix("timesteps."): v for k, v in tensors.items()})
+
+
+def diffusion_levels(denoiser: Denoiser, timestep_sampling: str, p_mean: float, p_std: float):
+    from difflab.train.timesteps import build_timestep_sampler
+
+    if isinstance(denoiser.precond, VPPrecond):
+        return build_timestep_sampler(timestep_sampling, len(denoiser.precond.schedule))
+    return LogNormalSigmas(p_mean, p_std)
+
+
+class NoisyClassifierObjective:
+    """Cross-entropy of ``classifier(x_t, t)`` against the label, t uniform on ``schedule``."""
+
+    def __init__(self, classifier: nn.Module, schedule: NoiseSchedule):
+        self.trained, self.schedule = classifier, schedule
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch:
+        t = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        return StepBatch({"x0": x0, "t": t, "noise": noise}, cond)
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> tuple[torch.Tensor, dict]:
+        xt = diffusion.q_sample(self.schedule, batch.x0, batch.t, batch.noise)
+        logits = forward(xt, batch.t)                                              # (B, classes)
+        labels = batch.cond["label"]
+        accuracy = (logits.argmax(1) == labels).float().mean().item()
+        return F.cross_entropy(logits.float(), labels, reduction="none"), {"accuracy": accuracy}
