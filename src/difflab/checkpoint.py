@@ -7,8 +7,8 @@ moment leaves the last good checkpoint intact. Nothing is unpickled when loading
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from difflab.config import Config, config_from_json, to_dict
 from difflab.errors import DifflabError
+from difflab.files import atomic_write, write_text
 
 FORMAT = "difflab-checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -49,18 +50,6 @@ def resolve(path: str | Path) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary name beside ``path``, fsync it, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
     """The optimiser's per-parameter state as flat named tensors, and its param_groups as JSON data."""
     state = optimizer.state_dict()
@@ -88,7 +77,6 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
     ``Checkpoint.section("train")``). ``records``: more JSON-serialisable records for the metadata (the
     model's description under "model")."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"train.{k}": v.detach().contiguous() for k, v in (train_tensors or {}).items()})
     if ema_model is not None:
@@ -99,14 +87,27 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
         tensors.update(optim_tensors)
     config_json = json.dumps(to_dict(config), indent=1)
     metadata = {"format": file_format, "config": config_json, "state": json.dumps(state),
+                "sha256": tensors_digest(tensors),
                 **{key: json.dumps(value) for key, value in (records or {}).items()}}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write(path.with_name("config.json"), lambda tmp: tmp.write_text(config_json + "\n"))
+    write_text(path.with_name("config.json"), config_json + "\n")
     return path
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes, in name order: a flipped bit changes it."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        if value.numel():
+            digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and metadata of a difflab safetensors file, with errors naming the file."""
+    """Tensors and metadata of a difflab safetensors file, with errors naming the file; the tensors' checksum
+    (files written since difflab 0.2) is verified."""
     if not path.is_file():
         raise DifflabError(f"{what} {path} does not exist")
     try:
@@ -117,6 +118,8 @@ def read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[
         raise DifflabError(f"{path}: not a readable safetensors {what} ({e})") from None
     if metadata.get("format") != expected_format:
         raise DifflabError(f"{path}: not a difflab {what} (metadata format is {metadata.get('format')!r})")
+    if "sha256" in metadata and tensors_digest(tensors) != metadata["sha256"]:
+        raise DifflabError(f"{path}: corrupt {what} (its tensors do not match the checksum written with them)")
     return tensors, metadata
 
 
@@ -125,7 +128,7 @@ def load_checkpoint(path: str | Path, file_format: str = FORMAT, config_class: t
     tensors, metadata = read_safetensors(path, file_format, "checkpoint")
     config = config_from_json(metadata.get("config", ""), f"{path} (config)", config_class)
     records = {}
-    for key in set(metadata) - {"format", "config"}:
+    for key in set(metadata) - {"format", "config", "sha256"}:
         try:
             records[key] = json.loads(metadata[key])
         except json.JSONDecodeError as e:

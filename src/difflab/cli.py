@@ -28,13 +28,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
         trainer = diffusion_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
-                                    dist=dist, preview=lambda spec: preview_callback(config, spec, dist.device))
+                                    dist=dist, preview=lambda spec: preview_callback(config, spec, dist.device),
+                                    overwrite=args.overwrite)
         if trainer.step:
             say(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
         try:
             result = trainer.run()
         except KeyboardInterrupt:
-            say(f"\ninterrupted at step {trainer.step}; checkpoint written to "
+            written = "not written (interrupted mid-step; the last one is kept)" if trainer.mid_step else "written"
+            say(f"\ninterrupted at step {trainer.step}; checkpoint {written} in "
                 f"{trainer.out_dir / 'checkpoint.safetensors'} (continue with --resume)", file=sys.stderr)
             return 130
     finally:
@@ -106,7 +108,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from difflab.train.classifier import train_classifier_from_yaml
 
-    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet, resume=args.resume)
+    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet, resume=args.resume,
+                                        overwrite=args.overwrite)
     print(f"trained the noise-aware classifier to step {result.step} (stopped by {result.stopped_by}); "
           f"test accuracy by timestep {json.dumps(result.accuracy)}; {result.checkpoint}")
     return 0
@@ -196,7 +199,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", choices=sorted(THRESHOLDS), default=None,
                         help="x0 thresholding: static clip to [-1, 1], dynamic (p = 0.995), or none")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
                        help="continue from the run's checkpoint (or the one given); fails if missing")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a train.out_dir that already holds a run (its checkpoint is replaced)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -224,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="override a config value (repeatable)")
     train_classifier.add_argument("--resume", action="store_true",
                                   help="continue exactly from the run's classifier file; fails if missing")
+    train_classifier.add_argument("--overwrite", action="store_true",
+                                  help="start afresh in an out_dir that already holds a classifier")
     train_classifier.add_argument("--quiet", action="store_true", help="no progress bar")
     train_classifier.set_defaults(func=cmd_train_classifier)
 
@@ -270,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def device_option(name: str) -> str:
+    """``--device``: cpu, cuda, cuda:N, or auto (cuda when torch sees one)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DifflabError(f"--device {name}: torch sees no CUDA device (use cpu or auto)")
+        return name
+    raise DifflabError(f"--device {name!r}: choose cpu, cuda, cuda:N or auto")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "steps", None) is not None and str(args.steps).isdigit():
@@ -278,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         print("difflab: error: --n must be at least 1", file=sys.stderr)
         return 2
     try:
+        if getattr(args, "device", None) is not None:
+            args.device = device_option(args.device)
         return args.func(args)
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)

@@ -93,6 +93,7 @@ class TrainConfig:
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda L_vlb
     min_snr_gamma: float | None = None       # Min-SNR-gamma loss weighting of L_simple (Hang et al. 2023); None: off
     timestep_sampling: str = "uniform"       # uniform | importance (p_t ~ sqrt(E[L_t^2]), for loss: vlb)
+    nonfinite: str = "stop"                  # a nan/inf loss or gradient: stop (keeping the last checkpoint) | skip
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000
@@ -157,8 +158,81 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise DifflabError(f"--set {item!r}: '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise DifflabError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return values
+
+
+# -- value ranges, checked when a config is loaded ---------------------------------------------------------------
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least_one(v) -> bool:
+    return v >= 1
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _probability(v) -> bool:
+    return 0 <= v <= 1
+
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.image_size": (_at_least_one, "at least 1"),
+    "data.channels": (lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
+    "data.num_points": (_at_least_one, "at least 1"),
+    "diffusion.timesteps": (lambda v: v >= 2, "at least 2"),
+    "diffusion.sigma_min": (_positive, "positive"),
+    "diffusion.sigma_max": (_positive, "positive"),
+    "diffusion.sigma_data": (_positive, "positive (or null: measured on the data)"),
+    "diffusion.p_std": (_positive, "positive"),
+    "train.steps": (_at_least_one, "at least 1"),
+    "train.max_minutes": (_positive, "positive (or null: no time budget)"),
+    "train.batch_size": (_at_least_one, "at least 1"),
+    "train.lr": (_positive, "positive"),
+    "train.weight_decay": (_non_negative, "at least 0"),
+    "train.adam_betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "train.warmup_steps": (_non_negative, "at least 0"),
+    "train.grad_clip": (_positive, "positive (or null: no clipping)"),
+    "train.ema_halflife_images": (_positive, "positive"),
+    "train.ema_rampup_ratio": (_positive, "positive (or null: no ramp-up)"),
+    "train.label_dropout": (_probability, "a probability in [0, 1]"),
+    "train.vlb_weight": (_non_negative, "at least 0"),
+    "train.log_every": (_at_least_one, "at least 1"),
+    "train.sample_every": (_at_least_one, "at least 1"),
+    "train.checkpoint_every": (_at_least_one, "at least 1"),
+    "train.num_sample_images": (_at_least_one, "at least 1"),
+    "train.grad_accumulation": (_at_least_one, "at least 1"),
+    "sample.batch_size": (_at_least_one, "at least 1"),
+    "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),
+    "sample.rho": (_positive, "positive"),
+    "sample.sigma_min": (_positive, "positive"),
+    "sample.sigma_max": (_positive, "positive"),
+    "sample.eta": (_probability, "in [0, 1]"),
+    "sample.s_churn": (_non_negative, "at least 0"),
+    "sample.langevin_steps": (_at_least_one, "at least 1"),
+    "sample.step_size": (_positive, "positive"),
+    "sample.snr": (_positive, "positive"),
+    "sample.guidance": (_non_negative, "at least 0"),
+    "sample.dynamic_threshold": (lambda v: 0 < v <= 1, "a percentile in (0, 1]"),
+}
+
+
+def check_ranges(config: Any, prefix: str = "") -> None:
+    """Every field with a rule in ``RANGES`` (by its dotted name; None always passes) is in its range."""
+    import dataclasses
+
+    for f in dataclasses.fields(config):
+        value, key = getattr(config, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif value is not None and key in RANGES and not RANGES[key][0](value):
+            raise DifflabError(f"{key}: {value!r} must be {RANGES[key][1]}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
@@ -175,9 +249,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise DifflabError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise DifflabError(f"{path}: expected a mapping of config sections at the top level")
+        if not values:
+            raise DifflabError(f"{path}: the config file is empty")
     values = apply_overrides(values, overrides or [])
     try:
-        return from_dict(cls, values)
+        config = from_dict(cls, values)
+        check_ranges(config)
+        return config
     except DifflabError as e:
         raise DifflabError(f"{path}: {e}" if path else str(e)) from None
 

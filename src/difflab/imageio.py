@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-
-def atomic_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+from difflab.files import atomic_write
 
 
 def make_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2) -> np.ndarray:
@@ -30,16 +27,11 @@ def make_grid(images: torch.Tensor, columns: int | None = None, padding: int = 2
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, scale: int = 1,
               padding: int = 2) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images, columns, padding)
     picture = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
-    tmp = atomic_path(path)
-    picture.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_scatter(points: torch.Tensor, path: str | Path, size: int = 256, extent: float = 3.0) -> Path:
@@ -51,10 +43,7 @@ def save_scatter(points: torch.Tensor, path: str | Path, size: int = 256, extent
 
 
 def save_npz(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return atomic_write(path, write)

@@ -52,4 +52,7 @@ def class_accuracy(probs, labels) -> float:
     labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels).reshape(-1)
     if labels.shape[0] != p.shape[0]:
         raise DifflabError(f"class accuracy: {p.shape[0]} probability rows but {labels.shape[0]} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= p.shape[1]):
+        raise DifflabError(f"class accuracy: labels must lie in [0, {p.shape[1] - 1}], got {labels.min()} .. "
+                           f"{labels.max()}")
     return float((p.argmax(axis=1) == labels).mean())

@@ -24,7 +24,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from difflab.checkpoint import atomic_write, read_safetensors
+from difflab.checkpoint import read_safetensors
+from difflab.files import atomic_write
 from difflab.errors import DifflabError
 from difflab.nets.classifier import Classifier, ClassifierConfig
 

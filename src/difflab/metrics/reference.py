@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from difflab.errors import DifflabError
+from difflab.files import atomic_write
 from difflab.metrics.features import FeatureExtractor, extract
 from difflab.metrics.frechet import GaussianFit, gaussian_fit
 
@@ -51,15 +52,10 @@ def cache_key(dataset: str, split: str, image_size: int, extractor_name: str) ->
 
 
 def save_stats(stats: FeatureStats, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **stats.arrays())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, write)
 
 
 def load_stats(path: Path) -> FeatureStats:

@@ -30,6 +30,14 @@ class NetworkEntry:
 def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, classes: int | None) -> UNetConfig:
     if len(shape) != 3 or shape[1] != shape[2]:
         raise DifflabError(f"model.kind 'unet' needs square image data (C, H, H), got sample shape {shape}")
+    levels = len(config.channel_mult)
+    if levels < 1 or min(config.channel_mult) < 1 or config.model_channels < 1 or config.num_res_blocks < 1:
+        raise DifflabError("model.unet: model_channels, num_res_blocks and every channel_mult must be at least 1")
+    if shape[1] % 2 ** (levels - 1):
+        raise DifflabError(f"model.unet: image size {shape[1]} must be divisible by 2^{levels - 1} = "
+                           f"{2 ** (levels - 1)} for {levels} levels of channel_mult (data.image_size)")
+    if config.num_heads < 1 or any(mult * config.model_channels % config.num_heads for mult in config.channel_mult):
+        raise DifflabError(f"model.unet.num_heads {config.num_heads} must divide every level's channels")
     return dataclasses.replace(config, in_channels=shape[0], image_size=shape[1], out_channels=out_channels,
                                num_classes=classes)
 
@@ -37,6 +45,9 @@ def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, clas
 def fit_mlp(config: MLPConfig, shape: tuple[int, ...], out_channels: int, classes: int | None) -> MLPConfig:
     if len(shape) != 1:
         raise DifflabError(f"model.kind 'mlp' needs vector data (D,), got sample shape {shape}")
+    if config.hidden < 1 or config.depth < 0:
+        raise DifflabError(f"model.mlp: hidden must be at least 1 and depth at least 0, got {config.hidden}, "
+                           f"{config.depth}")
     if out_channels != shape[0]:
         raise DifflabError("model.kind 'mlp' outputs one value per input dimension (no learned variance)")
     return dataclasses.replace(config, dim=shape[0], num_classes=classes)

@@ -13,7 +13,7 @@ import torch
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
 from difflab.conditioning import Cond
-from difflab.config import Config, SampleConfig
+from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
 from difflab.errors import DifflabError
@@ -94,6 +94,11 @@ def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: 
     """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
     holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec``."""
     denoiser, spec = (loaded.denoiser, loaded.spec) if isinstance(loaded, LoadedModel) else (loaded, spec)
+    check_ranges(options, "sample.")
+    if cond is not None:
+        for name, value in cond.items():
+            if name in denoiser.conditions:
+                denoiser.conditions[name].check(value)
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
     model = guided(denoiser, spec, options, cond, device)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from difflab.config import Config, SampleConfig
 from difflab.data import load_fashion_mnist, to_uint8_images
 from difflab.denoiser import VPPrecond
 from difflab.errors import DifflabError
+from difflab.files import write_text
 from difflab.imageio import save_npz
 from difflab.metrics import (FeatureExtractor, class_accuracy, extract, gaussian_fit, inception_score, kid,
                              load_fmnist_classifier, precision_recall, reference_stats)
@@ -54,12 +55,12 @@ def load_samples_npz(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
         raise DifflabError(f"samples file {path} does not exist")
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DifflabError(f"{path}: is a single .npy array, expected an .npz archive with an 'images' array")
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:   # truncated, or object (pickled) arrays
         raise DifflabError(f"{path}: not a readable .npz file ({str(e).splitlines()[0]})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DifflabError(f"{path}: is a single .npy array, expected an .npz archive with an 'images' array")
-    with loaded:
-        arrays = {k: loaded[k] for k in loaded.files}
     if "images" not in arrays:
         raise DifflabError(f"{path}: has no 'images' array (found: {', '.join(sorted(arrays)) or 'nothing'})")
     images = arrays["images"]
@@ -203,9 +204,4 @@ def to_json(value, indent: int | None = 2) -> str:
 
 def write_report(report: dict, path: str | Path) -> Path:
     """The report as JSON, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(to_json(report) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, to_json(report) + "\n")

@@ -154,7 +154,7 @@ RESUMABLE = RESUMABLE_CHANGES | {"train.eval_timesteps", "train.eval_examples"}
 
 
 def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = True,
-                           resume: bool = False) -> ClassifierTrainResult:
+                           resume: bool = False, overwrite: bool = False) -> ClassifierTrainResult:
     """Train as ``experiment`` says, from scratch or (``resume``) from the out_dir's file, continuing exactly;
     writes metrics.jsonl and the classifier file to out_dir, then scores the EMA weights on the test split."""
     t = experiment.train
@@ -165,7 +165,7 @@ def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = Tr
     schedule = build_schedule(experiment.diffusion)
     objective = NoisyClassifierObjective(NoisyClassifier(experiment.classifier).to(dist.device), schedule)
     trainer = Trainer(experiment, objective, data, resume=resume, progress=progress, dist=dist,
-                      file_format=FORMAT, checkpoint_name=CLASSIFIER_NAME, resumable=RESUMABLE)
+                      file_format=FORMAT, checkpoint_name=CLASSIFIER_NAME, resumable=RESUMABLE, overwrite=overwrite)
     result = trainer.run()
     accuracy = {}
     if t.eval_examples > 0:                                      # the EMA weights, as load_noisy_classifier gives
@@ -179,6 +179,8 @@ def train_noisy_classifier(experiment: ClassifierExperiment, progress: bool = Tr
 
 
 def train_classifier_from_yaml(path: str | Path, overrides: list[str] | None = None,
-                               progress: bool = True, resume: bool = False) -> ClassifierTrainResult:
-    """What ``difflab train-classifier CONFIG.yaml [--set key=value ...] [--resume]`` runs."""
-    return train_noisy_classifier(load_classifier_experiment(path, overrides), progress=progress, resume=resume)
+                               progress: bool = True, resume: bool = False,
+                               overwrite: bool = False) -> ClassifierTrainResult:
+    """What ``difflab train-classifier CONFIG.yaml [--set key=value ...] [--resume | --overwrite]`` runs."""
+    return train_noisy_classifier(load_classifier_experiment(path, overrides), progress=progress, resume=resume,
+                                  overwrite=overwrite)

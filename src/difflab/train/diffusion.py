@@ -53,7 +53,8 @@ def diffusion_objective(config: Config, denoiser: Denoiser) -> DiffusionObjectiv
 
 def diffusion_trainer(config: Config, resume: bool | str | Path = False, progress: bool = True,
                       dist: DistributedContext | None = None,
-                      preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None) -> Trainer:
+                      preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None,
+                      overwrite: bool = False) -> Trainer:
     """The loop for ``config``. ``preview(spec)``, if given, makes the callback ``(ema_denoiser, name)`` that
     the loop calls every ``train.sample_every`` steps and at the end (the CLI writes sample grids with it)."""
     check_objective(config)
@@ -66,6 +67,6 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     callback = preview(spec) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,
-                      metadata={"model": spec.to_json()})
+                      metadata={"model": spec.to_json()}, overwrite=overwrite)
     trainer.denoiser, trainer.spec = denoiser, spec
     return trainer

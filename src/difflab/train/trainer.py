@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +35,25 @@ from difflab.conditioning import Cond
 from difflab.config import TrainConfig, to_dict
 from difflab.data import InMemoryData
 from difflab.errors import DifflabError
+from difflab.files import append_line, write_text
 from difflab.train import distributed
 from difflab.train.batches import EpochBatches, StepBatch, dropout_seed, step_generator
 from difflab.train.distributed import DistributedContext
 from difflab.train.ema import EMA
 from difflab.train.objectives import Objective
 from difflab.train.precision import Precision
+from difflab.train.run_folder import RunLock, check_occupied
 
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.out_dir", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every",
                      "train.num_sample_images", "train.device", "train.precision", "train.grad_accumulation",
-                     "train.channels_last", "train.compile", "train.gradient_checkpointing"}
+                     "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
+NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLoss(DifflabError):
+    """Training diverged: a loss or gradient is nan or inf (the last finite checkpoint is kept)."""
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -71,6 +80,8 @@ def check_step_layout(train: TrainConfig, world_size: int) -> None:
     if train.batch_size % (world_size * train.grad_accumulation):
         raise DifflabError(f"train.batch_size {train.batch_size} (the global batch) is not divisible by "
                            f"{world_size} ranks x train.grad_accumulation {train.grad_accumulation}")
+    if train.nonfinite not in NONFINITE:
+        raise DifflabError(f"unknown train.nonfinite {train.nonfinite!r}; choose one of {NONFINITE}")
     if train.lr_schedule not in LR_SCHEDULES:
         raise DifflabError(f"unknown train.lr_schedule {train.lr_schedule!r}; choose one of {LR_SCHEDULES}")
 
@@ -109,7 +120,7 @@ class Trainer:
                  progress: bool = True, dist: DistributedContext | None = None,
                  preview: Callable[[torch.nn.Module, str], None] | None = None, metadata: dict | None = None,
                  file_format: str = FORMAT, checkpoint_name: str = CHECKPOINT_NAME,
-                 resumable: set[str] = RESUMABLE_CHANGES):
+                 resumable: set[str] = RESUMABLE_CHANGES, overwrite: bool = False):
         self.config, self.objective, self.data = config, objective, data
         t = self.train_config = config.train
         self.dist = dist or distributed.single_process(t.device)
@@ -119,6 +130,9 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.preview_callback, self.metadata = preview, dict(metadata or {})
         self.file_format, self.checkpoint_name, self.resumable = file_format, checkpoint_name, resumable
+        self.overwrite = overwrite
+        if self.dist.is_main:
+            check_occupied(self.out_dir, checkpoint_name, bool(resume), overwrite)
         self.net = objective.trained
         if t.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -129,6 +143,8 @@ class Trainer:
         self.batches = EpochBatches(len(self.data), t.batch_size, t.seed)
         self.extras: dict[str, list[float]] = {}     # the objective's values to log, since the last record
         self.extra_state: dict = {}                  # saved in the checkpoint's state (e.g. test accuracies)
+        self.mid_step = False                        # parameters, optimiser or EMA are being updated
+        self.interrupt_requested = False             # Ctrl-C: stop at the next step boundary
         self.step = 0
         self.train_seconds = 0.0      # training time of the whole run, resumed invocations included
         self.invocation_start = time.perf_counter()
@@ -161,14 +177,20 @@ class Trainer:
         if hasattr(self.objective, "load_state_tensors"):
             self.objective.load_state_tensors(checkpoint.section("train"))
         self.precision.load_state_dict(checkpoint.state.get("grad_scaler", {}))
-        self.step = int(checkpoint.state["step"])
-        self.train_seconds = float(checkpoint.state.get("train_seconds", 0.0))
+        try:
+            self.step = int(checkpoint.state["step"])
+            self.train_seconds = float(checkpoint.state.get("train_seconds", 0.0))
+        except (KeyError, TypeError, ValueError):
+            raise DifflabError(f"--resume: {path} holds no valid training step in its state") from None
+        self.extra_state = {k: v for k, v in checkpoint.state.items() if k in ("nonfinite_skipped",)}
 
     def save(self) -> Path:
         """Write the checkpoint (rank 0 only; every rank holds the same weights)."""
         path = self.out_dir / self.checkpoint_name
         if not self.dist.is_main:
             return path
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+            raise NonFiniteLoss(f"step {self.step}: the weights hold nan or inf; not overwriting {path}")
         state = {"step": self.step, "images_seen": self.step * self.train_config.batch_size,
                  "train_seconds": self.elapsed(), **self.extra_state}
         if self.precision.scaler is not None:
@@ -229,6 +251,13 @@ class Trainer:
             example_losses.append(losses)
             for key, value in extras.items():
                 self.extras.setdefault(key, []).append(value)
+        mean_loss = self.dist.mean(loss).item()
+        finite = self.dist.all(math.isfinite(mean_loss) and (self.precision.scaler is not None
+                                                             or gradients_finite(self.net)))
+        self.mid_step = True                  # from here to the end the state changes: no checkpoint mid-way
+        if not finite:
+            self.skip_nonfinite(mean_loss)
+            return mean_loss
         if hasattr(self.objective, "observe") and local.t is not None:  # every rank records the global batch
             self.objective.observe(self.dist.gather(local.t.to(self.device)).cpu(),
                                    self.dist.gather(torch.cat(example_losses)).cpu())
@@ -237,7 +266,21 @@ class Trainer:
         self.precision.step(self.optimizer, self.net, t.grad_clip)
         self.step += 1
         self.ema.update(self.net, self.step * t.batch_size, t.batch_size)
-        return self.dist.mean(loss).item()
+        self.mid_step = False
+        return mean_loss
+
+    def skip_nonfinite(self, loss: float) -> None:
+        """A nan/inf loss or gradient: stop (train.nonfinite 'stop'), or count the step and move on without
+        updating anything ('skip'); the weights, and so every checkpoint, stay finite either way."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.train_config.nonfinite == "stop":
+            self.mid_step = False
+            raise NonFiniteLoss(f"training diverged at step {self.step + 1}: the loss ({loss}) or its gradient is "
+                                f"not finite; the last checkpoint is kept (lower train.lr, or set "
+                                f"train.nonfinite: skip to skip such steps)")
+        self.extra_state["nonfinite_skipped"] = self.extra_state.get("nonfinite_skipped", 0) + 1
+        self.step += 1
+        self.mid_step = False
 
     # -- the loop -------------------------------------------------------------------------------------------
     def preview(self, name: str) -> None:
@@ -247,8 +290,7 @@ class Trainer:
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
 
     def out_of_time(self) -> bool:
         """Whether the run's train.max_minutes of training (over all its invocations) have passed, as rank 0's
@@ -271,15 +313,43 @@ class Trainer:
         t = self.train_config
         if t.max_minutes is None:
             return tqdm(total=t.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
-        return tqdm(total=round(60 * t.max_minutes), initial=self.progress_position(),
+        return tqdm(total=round(60 * t.max_minutes), initial=self.progress_position(), smoothing=0,
                     desc=f"training for {t.max_minutes:g} min", unit="s", disable=not self.progress,
                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]")
 
     def run(self) -> TrainResult:
+        """Train to train.steps or the time budget. Ctrl-C stops at the end of the current step and writes a
+        checkpoint of that step (a second Ctrl-C stops at once and keeps the last checkpoint written)."""
+        lock = RunLock(self.out_dir) if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        previous_handler = self.catch_interrupts()
+        try:
+            return self.train_loop()
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
+            if lock is not None:
+                lock.release()
+
+    def catch_interrupts(self):
+        """Install a SIGINT handler that asks the loop to stop at the next step boundary (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request(signum, frame):
+            if self.interrupt_requested:                           # the second Ctrl-C: stop now
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.interrupt_requested = True
+        return signal.signal(signal.SIGINT, request)
+
+    def train_loop(self) -> TrainResult:
         t = self.train_config
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=1) + "\n")
+            if self.overwrite and not self.step:
+                (self.out_dir / "metrics.jsonl").unlink(missing_ok=True)
+            write_text(self.out_dir / "config.json", json.dumps(to_dict(self.config), indent=1) + "\n")
         self.invocation_start = window_start = time.perf_counter()
         losses = []
         stopped_by, loss = "steps", math.nan
@@ -306,12 +376,23 @@ class Trainer:
                 if self.out_of_time():
                     stopped_by = "time"
                     break
+                if self.dist.any(self.interrupt_requested):
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            self.save()
+            if not self.mid_step:              # a torn step is never saved: the last checkpoint stays
+                self.save()
             raise
         bar.close()
         path = self.save()
         self.preview("final")
         self.dist.barrier()          # the other ranks return once the checkpoint is written
         return TrainResult(self.step, path, loss, stopped_by)
+
+
+def gradients_finite(net: torch.nn.Module) -> bool:
+    """Whether every gradient is finite (one host sync)."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
