@@ -134,8 +134,8 @@ def load_checkpoint(path: str | Path, file_format: str = FORMAT, config_class: t
         except json.JSONDecodeError as e:
             raise DifflabError(f"{path}: corrupt {key!r} record in metadata ({e})") from None
     state = records.pop("state", None)
-    if not isinstance(state, dict):
-        raise DifflabError(f"{path}: missing or corrupt training state in metadata")
+    if not isinstance(state, dict) or not isinstance(state.get("step", 0), int) or state.get("step", 0) < 0:
+        raise DifflabError(f"{path}: missing or corrupt training state in metadata (the step must be an integer)")
     return Checkpoint(path, config, state, tensors, records)
 
 
@@ -144,6 +144,9 @@ def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, prefix: str) ->
     weights = checkpoint.section(prefix)
     if not weights:
         raise DifflabError(f"{checkpoint.path}: holds no '{prefix}' weights")
+    bad = [name for name, value in weights.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise DifflabError(f"{checkpoint.path}: {prefix} weights hold nan or inf ({bad[0]}, ...)")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -306,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except DifflabError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                  # Ctrl-C outside a training loop (which handles its own)
+        print("\ndifflab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

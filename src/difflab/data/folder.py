@@ -25,7 +25,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
             left, top = (img.width - size) // 2, (img.height - size) // 2
             img = img.crop((left, top, left + size, top + size))
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DifflabError(f"{path}: cannot read image ({e})") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
