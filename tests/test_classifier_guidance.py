@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from closed_forms import old_eps, old_x0
 import yaml
 from safetensors.torch import save_file
 
@@ -44,23 +45,6 @@ def sigma_of(t: torch.Tensor) -> torch.Tensor:
 def ve(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x = x_t / sqrt(alpha-bar_t): the denoiser's VE-scaled input for the VP sample x_t."""
     return xt / alpha_bar(t).sqrt().reshape(-1, *([1] * (xt.ndim - 1)))
-
-
-# The old (pre-D) closed-form conversions of a network output of ``kind`` at x_t (VP) and alpha-bar.
-def old_x0(kind, xt, abar, out):
-    if kind == "eps":
-        return (xt - (1 - abar).sqrt() * out) / abar.sqrt()
-    if kind == "x0":
-        return out
-    return abar.sqrt() * xt - (1 - abar).sqrt() * out                    # v
-
-
-def old_eps(kind, xt, abar, out):
-    if kind == "eps":
-        return out
-    if kind == "x0":
-        return (xt - abar.sqrt() * out) / (1 - abar).sqrt()
-    return (1 - abar).sqrt() * xt + abar.sqrt() * out                    # v
 
 
 class QuadraticClassifier(torch.nn.Module):

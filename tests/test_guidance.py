@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from closed_forms import old_eps, old_x0
 
 from difflab.build import build_model
 from difflab.conditioning import ClassLabel, Cond
@@ -51,23 +52,6 @@ def random_mlp(classes=3):
 
 def labelled(net, kind="eps", classes=3, learned_variance=False) -> Denoiser:
     return Denoiser(net, VPPrecond(SCHEDULE, kind), {"label": ClassLabel("label", 0.0, classes)}, learned_variance)
-
-
-# The old (pre-D) closed-form conversions of a network output of ``kind`` at x_t (VP) and alpha-bar.
-def old_x0(kind, xt, abar, out):
-    if kind == "eps":
-        return (xt - (1 - abar).sqrt() * out) / abar.sqrt()
-    if kind == "x0":
-        return out
-    return abar.sqrt() * xt - (1 - abar).sqrt() * out                    # v
-
-
-def old_eps(kind, xt, abar, out):
-    if kind == "eps":
-        return out
-    if kind == "x0":
-        return (xt - abar.sqrt() * out) / (1 - abar).sqrt()
-    return (1 - abar).sqrt() * xt + abar.sqrt() * out                    # v
 
 
 def at_timesteps(t):
