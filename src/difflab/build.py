@@ -67,7 +67,8 @@ def model_spec(config: Config, data: InMemoryData) -> ModelSpec:
     if config.data.conditional:
         if data.labels is None or not data.num_classes:
             raise DifflabError(f"data.conditional: data set {data.name!r} has no class labels")
-        conditions.append(ClassLabel("label", config.train.label_dropout, data.num_classes).to_json())
+        conditions.append(ClassLabel("label", config.train.label_dropout, data.num_classes,
+                                     tuple(data.class_names)).to_json())
     out_channels = shape[0] * (2 if config.diffusion.learn_variance else 1)
     options = resolve_network(config.model.kind, config.model.options, shape, out_channels,
                                data.num_classes if conditions else None)

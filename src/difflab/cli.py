@@ -50,27 +50,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from difflab.pipelines.ddpm import load_model, sample, save_samples
-
-    from difflab.pipelines.ddpm import class_condition
+    from difflab.conditioning import ClassLabel
+    from difflab.pipelines.ddpm import class_condition, load_model, sample, save_samples
 
     loaded = load_model(args.checkpoint, args.weights, args.device)
     options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
+    if args.nrow is not None and args.nrow < 1 or args.scale < 1:
+        raise DifflabError("--nrow and --scale must be at least 1")
     labels = None
     if args.class_label is not None:
-        classes = loaded.spec.num_classes()
-        if not classes and options.classifier:                     # classifier guidance of an unconditional model
+        label = loaded.spec.condition_fields().get("label")
+        if label is None and options.classifier:                   # classifier guidance of an unconditional model
             from difflab.train.classifier import load_noisy_classifier
-            classes = load_noisy_classifier(options.classifier)[0].config.num_classes
-        if not classes:
+            label = ClassLabel("label", num_classes=load_noisy_classifier(options.classifier)[0].config.num_classes)
+        if label is None:
             raise DifflabError(f"--class: {loaded.path} is not class-conditional (and no --classifier is given)")
-        if not 0 <= args.class_label < classes:
-            raise DifflabError(f"--class {args.class_label}: must be in [0, {classes - 1}]")
-        labels = torch.full((args.n,), args.class_label, dtype=torch.long)
+        labels = torch.full((args.n,), label.class_id(args.class_label), dtype=torch.long)
     print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
           f"{options.sampler} sampler, {options.steps} steps", file=sys.stderr)
     samples = sample(loaded, args.n, options, class_condition(labels), args.device, progress=True)
-    for path in save_samples(samples, args.out, args.name, labels):
+    for path in save_samples(samples, args.out, args.name, labels, columns=args.nrow, scale=args.scale,
+                             each=args.each):
         print(path)
     return 0
 
@@ -208,7 +208,10 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from difflab import __version__
+
     parser = argparse.ArgumentParser(prog="difflab", description="Train, sample and inspect diffusion models.")
+    parser.add_argument("--version", action="version", version=f"difflab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
@@ -240,7 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     sample.add_argument("--name", default="samples", help="file name stem for the .png and .npz")
     add_sampling_arguments(sample)
-    sample.add_argument("--class", dest="class_label", type=int, default=None, help="class label to sample")
+    sample.add_argument("--class", dest="class_label", default=None,
+                        help="class to sample: a number, or a name such as Sneaker (class-conditional models)")
+    sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
+    sample.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
+    sample.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")
     sample.set_defaults(func=cmd_sample)
 
     interp = sub.add_parser("interpolate", help="DDIM interpolation between latents or inverted test images")

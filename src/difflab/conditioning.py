@@ -89,10 +89,26 @@ class Condition:
 
 @dataclass(frozen=True)
 class ClassLabel(Condition):
-    """An integer class in [0, num_classes); the null label is ``num_classes`` (an extra embedding row)."""
+    """An integer class in [0, num_classes); the null label is ``num_classes`` (an extra embedding row).
+    ``names``, when the data set has them, lets users ask for a class by name."""
     num_classes: int = 0
+    names: tuple[str, ...] = ()
 
     kind = "class_label"
+
+    def class_id(self, text: str) -> int:
+        """The class named (case and spaces ignored) or numbered ``text``; a clear error otherwise."""
+        if text.strip().lstrip("-").isdigit():
+            index = int(text)
+        else:
+            folded = {name.lower().replace(" ", ""): i for i, name in enumerate(self.names)}
+            index = folded.get(text.lower().replace(" ", ""), -1)
+            if index < 0:
+                known = ", ".join(self.names) if self.names else "none: use a class number"
+                raise DifflabError(f"unknown class {text!r} (names: {known})")
+        if not 0 <= index < self.num_classes:
+            raise DifflabError(f"class {text!r}: must be in [0, {self.num_classes - 1}]")
+        return index
 
     def null_like(self, value: torch.Tensor) -> torch.Tensor:
         return torch.full_like(value, self.num_classes)
@@ -111,6 +127,8 @@ CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label
 
 def condition_from_json(values: dict) -> Condition:
     values = dict(values)
+    if isinstance(values.get("names"), list):
+        values["names"] = tuple(values["names"])
     kind = values.pop("kind", None)
     if kind not in CONDITION_KINDS:
         raise DifflabError(f"unknown condition kind {kind!r}; known: {sorted(CONDITION_KINDS)}")

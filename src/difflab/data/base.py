@@ -16,6 +16,7 @@ class InMemoryData:
     labels: torch.Tensor | None = None      # int64 (N,), or None for unlabelled data
     num_classes: int | None = None
     name: str = ""
+    class_names: tuple[str, ...] = ()       # the classes' names, when the data set has them
 
     def __len__(self) -> int:
         return self.data.shape[0]

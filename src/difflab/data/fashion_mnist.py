@@ -121,4 +121,4 @@ def load_fashion_mnist(split: str = "train", path=None, image_size: int = 32, re
         raise DifflabError(f"{image_file}: expected N 28x28 images matching {len(labels)} labels, "
                            f"got shape {tuple(images.shape)}")
     return InMemoryData(resize_images(images, image_size, resize), labels, num_classes=10,
-                        name=f"fashion_mnist/{split}")
+                        name=f"fashion_mnist/{split}", class_names=CLASS_NAMES)

@@ -125,16 +125,23 @@ def class_condition(labels: torch.Tensor | None) -> Cond | None:
 
 
 def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "samples",
-                 labels: torch.Tensor | None = None) -> list[Path]:
-    """A PNG (grid of images, or density plot of points) and an .npz (uint8 images, or float points)."""
+                 labels: torch.Tensor | None = None, columns: int | None = None, scale: int = 1,
+                 each: bool = False) -> list[Path]:
+    """A PNG (grid of images, ``columns`` per row, pixels enlarged ``scale`` times; or a density plot of points)
+    and an .npz (uint8 images, or float points); with ``each``, one PNG per image in ``out_dir/name/``."""
     out_dir = Path(out_dir)
     extra = {"labels": labels.numpy()} if labels is not None else {}
     if samples.ndim == 2:
         return [save_scatter(samples, out_dir / f"{name}.png"),
                 save_npz({"points": samples.numpy(), **extra}, out_dir / f"{name}.npz")]
     images = to_uint8_images(samples)
-    return [save_grid(images, out_dir / f"{name}.png"),
-            save_npz({"images": images.permute(0, 2, 3, 1).numpy(), **extra}, out_dir / f"{name}.npz")]
+    paths = [save_grid(images, out_dir / f"{name}.png", columns, scale),
+             save_npz({"images": images.permute(0, 2, 3, 1).numpy(), **extra}, out_dir / f"{name}.npz")]
+    if each:
+        for i, image in enumerate(images):
+            save_grid(image[None], out_dir / name / f"{i:05d}.png", scale=scale, padding=0)
+        paths.append(out_dir / name)
+    return paths
 
 
 def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu"):
