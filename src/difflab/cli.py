@@ -68,11 +68,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
         labels = torch.full((args.n,), label.class_id(args.class_label), dtype=torch.long)
     print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
           f"{options.sampler} sampler, {options.steps} steps", file=sys.stderr)
-    samples = sample(loaded, args.n, options, class_condition(labels), args.device, progress=True)
+    if args.init_image is None:
+        if args.mask is not None:
+            raise DifflabError("--mask needs the image to inpaint (--init-image)")
+        samples = sample(loaded, args.n, options, class_condition(labels), args.device, progress=True)
+    else:
+        samples = edit_images(args, loaded, options, class_condition(labels))
     for path in save_samples(samples, args.out, args.name, labels, columns=args.nrow, scale=args.scale,
                              each=args.each):
         print(path)
     return 0
+
+
+def edit_images(args: argparse.Namespace, loaded, options, cond):
+    """``--init-image`` (SDEdit at ``--strength``) or, with ``--mask``, inpainting (RePaint), ``--n`` variations."""
+    from difflab.imageio import load_image
+    from difflab.pipelines.editing import image_to_image, inpaint
+
+    if not loaded.spec.is_image:
+        raise DifflabError(f"--init-image: {loaded.path} is not an image model")
+    channels, height, width = loaded.spec.sample_shape
+    image = load_image(args.init_image, channels, (height, width)).expand(args.n, -1, -1, -1)
+    if args.mask is None:
+        return image_to_image(loaded, image, args.strength, options, cond, args.device, progress=True)
+    known = 1 - load_image(args.mask, 1, (height, width))[:1].add(1).div(2)          # white: repaint
+    return inpaint(loaded, image, known.expand(args.n, -1, -1, -1), options, args.resample, cond, args.device,
+                   progress=True)
 
 
 def cmd_interpolate(args: argparse.Namespace) -> int:
@@ -248,6 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
     sample.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
     sample.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")
+    sample.add_argument("--init-image", type=Path, default=None, metavar="PNG",
+                        help="edit this image (SDEdit image-to-image; with --mask, inpainting)")
+    sample.add_argument("--strength", type=float, default=0.6,
+                        help="SDEdit: the fraction of the sampler's grid run from the noised image (0: unchanged, "
+                             "1: a new sample)")
+    sample.add_argument("--mask", type=Path, default=None, metavar="PNG",
+                        help="inpainting (RePaint): white pixels are generated, black ones kept exactly")
+    sample.add_argument("--resample", type=int, default=5, help="RePaint: resampling steps per level (U)")
     sample.set_defaults(func=cmd_sample)
 
     interp = sub.add_parser("interpolate", help="DDIM interpolation between latents or inverted test images")

@@ -89,10 +89,19 @@ def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Con
     return model
 
 
-def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: Cond | None = None,
-           device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None) -> torch.Tensor:
-    """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
-    holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec``."""
+@dataclass
+class SamplingPlan:
+    """What ``generate`` needs: the sampler, the (guided) model, its grid and the sampler's arguments."""
+    sampler: object
+    model: torch.nn.Module
+    grid: object                  # a sigma grid, or a (respaced) schedule for the ancestral sampler
+    kwargs: dict
+    spec: ModelSpec
+
+
+def sampling_plan(loaded: LoadedModel | Denoiser, options: SampleConfig, cond: Cond | None = None,
+                  device: str = "cpu", spec: ModelSpec | None = None) -> SamplingPlan:
+    """The sampler, guided model and grid that ``options`` describe, checked."""
     denoiser, spec = (loaded.denoiser, loaded.spec) if isinstance(loaded, LoadedModel) else (loaded, spec)
     check_ranges(options, "sample.")
     if cond is not None:
@@ -115,9 +124,17 @@ def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: 
         grid = sigma_grid(precond, options.steps, options.spacing, options.rho, options.sigma_min,
                           options.sigma_max)
         kwargs.update(prior_std=precond.prior_std(grid[0].item()))
+    return SamplingPlan(SAMPLERS[options.sampler], model, grid, kwargs, spec)
+
+
+def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: Cond | None = None,
+           device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None) -> torch.Tensor:
+    """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
+    holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec``."""
+    plan = sampling_plan(loaded, options, cond, device, spec)
     seeds = [options.seed + i for i in range(n)]
-    return generate(SAMPLERS[options.sampler], model, grid, spec.sample_shape, seeds,
-                    batch_size=options.batch_size, cond=cond, device=device, progress=progress, **kwargs)
+    return generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
+                    batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
 
 
 def class_condition(labels: torch.Tensor | None) -> Cond | None:

@@ -19,6 +19,7 @@ from difflab.samplers.generate import generate
 from difflab.samplers.karras import sample_euler, sample_heun
 from difflab.samplers.langevin import sample_langevin, sample_pc
 from difflab.samplers.nfe import CountingModel, steps_for_nfe
+from difflab.samplers.repaint import sample_repaint
 from difflab.samplers.unipc import sample_unipc
 from difflab.samplers.noise import PerSampleNoise
 from difflab.samplers.sigmas import SPACINGS, build_sigmas, karras_sigmas, logsnr_sigmas, prior_std, sigma_grid
@@ -52,4 +53,4 @@ SAMPLER_OPTIONS = {
 __all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
            "build_sigmas", "ddim_invert", "sigma_grid", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
            "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
-           "sample_heun", "sample_langevin", "sample_pc", "sample_unipc", "slerp", "steps_for_nfe"]
+           "sample_heun", "sample_langevin", "sample_pc", "sample_repaint", "sample_unipc", "slerp", "steps_for_nfe"]
