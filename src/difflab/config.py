@@ -29,7 +29,8 @@ class DataConfig:
     toy: str = "eight_gaussians"        # which 2-D set when dataset is toy
     num_points: int = 20000
     download: bool = False
-    conditional: bool = False           # train with class labels (Fashion-MNIST)
+    conditional: bool = False           # train with class labels (Fashion-MNIST; image folders with class subfolders)
+    hflip: bool = False                 # mirror training images left-right at random (half of them)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""A folder of images (PNG, JPEG, WebP, BMP), resized on the short side and centre-cropped, held as uint8."""
+"""A folder of images (PNG, JPEG, WebP, BMP), resized on the short side and centre-cropped, held as uint8.
+
+When every image sits in a subfolder of the root (``root/Sneaker/*.png``, ``root/Boot/*.png``), the
+subfolders are the classes: labels are their indices in sorted order and their names are the class names
+(``data.conditional: true`` then trains a class-conditional model, ``difflab sample --class Boot``).
+"""
 
 from __future__ import annotations
 
@@ -37,5 +42,10 @@ def load_image_folder(path, image_size: int = 32, channels: int = 3) -> InMemory
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS)
     if not files:
         raise DifflabError(f"image folder {root} holds no {'/'.join(sorted(EXTENSIONS))} files")
-    images = np.stack([load_image(p, image_size, channels) for p in files])
-    return InMemoryData(torch.from_numpy(images), name=f"folder/{root.name}")
+    images = torch.from_numpy(np.stack([load_image(p, image_size, channels) for p in files]))
+    if any(p.parent == root for p in files):                     # images at the top level: no classes
+        return InMemoryData(images, name=f"folder/{root.name}")
+    names = sorted({p.relative_to(root).parts[0] for p in files})
+    labels = torch.tensor([names.index(p.relative_to(root).parts[0]) for p in files])
+    return InMemoryData(images, labels, num_classes=len(names), name=f"folder/{root.name}",
+                        class_names=tuple(names))

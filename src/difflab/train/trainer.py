@@ -34,6 +34,7 @@ from difflab.checkpoint import CHECKPOINT_NAME, FORMAT, load_checkpoint, load_op
 from difflab.conditioning import Cond
 from difflab.config import TrainConfig, to_dict
 from difflab.data import InMemoryData
+from difflab.data.augment import random_hflip
 from difflab.errors import DifflabError
 from difflab.files import append_line, write_text
 from difflab.train import distributed
@@ -224,6 +225,8 @@ class Trainer:
         """The whole step's examples and the objective's draws, the same on every rank (on the CPU)."""
         g = step_generator(self.train_config.seed, step)
         x0, y = self.data.batch(self.batches.indices(step))
+        if getattr(self.config.data, "hflip", False) and x0.ndim == 4:
+            x0 = random_hflip(x0, g)
         return self.objective.draw(x0, Cond(label=y) if y is not None else None, g)
 
     def micro_batch_loss(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
