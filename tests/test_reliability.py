@@ -282,3 +282,18 @@ def test_kill_9_during_training_and_checkpoint_writes_loses_nothing(tmp_path):
         assert not [p for p in out.iterdir() if ".tmp" in p.name or p.name == ".lock"]
         final = load_checkpoint(out).tensors
         assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_milestones_keep_the_newest_ema_weights_and_sample_like_the_run(tmp_path):
+    from difflab.pipelines.ddpm import load_model, sample
+
+    trainer = diffusion_trainer(tiny(tmp_path, steps=10, **{"train.checkpoint_every": 2,
+                                                             "train.keep_checkpoints": 2}), progress=False)
+    trainer.run()
+    milestones = sorted(p.name for p in (tmp_path / "run" / "milestones").iterdir())
+    assert milestones == ["step_0000008.safetensors", "step_0000010.safetensors"]
+    last = tmp_path / "run" / "milestones" / "step_0000010.safetensors"
+    assert last.stat().st_size < (tmp_path / "run" / "checkpoint.safetensors").stat().st_size / 2
+    run, milestone = load_model(tmp_path / "run"), load_model(last)
+    options = run.config.sample
+    assert torch.equal(sample(run, 20, options), sample(milestone, 20, options))

@@ -70,7 +70,7 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
                     ema_model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     train_tensors: dict[str, torch.Tensor] | None = None, file_format: str = FORMAT,
-                    records: dict | None = None) -> Path:
+                    records: dict | None = None, write_config: bool = True) -> Path:
     """``config``: the experiment (a ``Config``, or another experiment dataclass such as a classifier's).
     ``file_format``: the metadata's format tag, which readers check. ``train_tensors``: other training state
     (e.g. the timestep sampler's loss history), saved under ``train.`` (read back with
@@ -90,7 +90,8 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
                 "sha256": tensors_digest(tensors),
                 **{key: json.dumps(value) for key, value in (records or {}).items()}}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    write_text(path.with_name("config.json"), config_json + "\n")
+    if write_config:
+        write_text(path.with_name("config.json"), config_json + "\n")
     return path
 
 

@@ -99,6 +99,7 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 0                # also keep the newest N milestones (EMA weights only) in milestones/
     num_sample_images: int = 64
     # How steps are computed: the same steps up to float rounding (channels_last: other dropout masks).
     device: str = "auto"                     # cpu | cuda | auto (cuda when available); torchrun: cuda:LOCAL_RANK
@@ -208,6 +209,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.sample_every": (_at_least_one, "at least 1"),
     "train.checkpoint_every": (_at_least_one, "at least 1"),
     "train.num_sample_images": (_at_least_one, "at least 1"),
+    "train.keep_checkpoints": (_non_negative, "at least 0"),
     "train.grad_accumulation": (_at_least_one, "at least 1"),
     "sample.batch_size": (_at_least_one, "at least 1"),
     "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),

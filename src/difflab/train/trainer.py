@@ -47,7 +47,7 @@ from difflab.train.run_folder import RunLock, check_occupied
 
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.out_dir", "train.steps", "train.max_minutes",
-                     "train.log_every", "train.sample_every", "train.checkpoint_every",
+                     "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.num_sample_images", "train.device", "train.precision", "train.grad_accumulation",
                      "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
 NONFINITE = ("stop", "skip")
@@ -197,8 +197,20 @@ class Trainer:
         if self.precision.scaler is not None:
             state["grad_scaler"] = self.precision.state_dict()
         train_tensors = self.objective.state_tensors() if hasattr(self.objective, "state_tensors") else {}
-        return save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer, train_tensors,
-                               self.file_format, self.metadata)
+        saved = save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer, train_tensors,
+                                self.file_format, self.metadata)
+        if self.train_config.keep_checkpoints:
+            self.save_milestone(state)
+        return saved
+
+    def save_milestone(self, state: dict) -> None:
+        """``milestones/step_NNNNNNN.safetensors``: the EMA weights alone (a small file that ``difflab sample``
+        reads like a checkpoint), keeping the newest ``train.keep_checkpoints``."""
+        folder = self.out_dir / "milestones"
+        save_checkpoint(folder / f"step_{self.step:07d}.safetensors", self.config, {**state, "weights": "ema"},
+                        self.ema.model, file_format=self.file_format, records=self.metadata, write_config=False)
+        for old in sorted(folder.glob("step_*.safetensors"))[:-self.train_config.keep_checkpoints]:
+            old.unlink()
 
     # -- one step -------------------------------------------------------------------------------------------
     def elapsed(self) -> float:
