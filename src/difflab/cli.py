@@ -82,16 +82,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def edit_images(args: argparse.Namespace, loaded, options, cond):
     """``--init-image`` (SDEdit at ``--strength``) or, with ``--mask``, inpainting (RePaint), ``--n`` variations."""
-    from difflab.imageio import load_image
+    import torch
+
+    from difflab.data.folder import load_image
     from difflab.pipelines.editing import image_to_image, inpaint
 
     if not loaded.spec.is_image:
         raise DifflabError(f"--init-image: {loaded.path} is not an image model")
-    channels, height, width = loaded.spec.sample_shape
-    image = load_image(args.init_image, channels, (height, width)).expand(args.n, -1, -1, -1)
+    channels, size, _ = loaded.spec.sample_shape              # square; images are resized and centre-cropped
+    image = torch.from_numpy(load_image(args.init_image, size, channels))[None].float() / 127.5 - 1
+    image = image.expand(args.n, -1, -1, -1)
     if args.mask is None:
         return image_to_image(loaded, image, args.strength, options, cond, args.device, progress=True)
-    known = 1 - load_image(args.mask, 1, (height, width))[:1].add(1).div(2)          # white: repaint
+    known = 1 - torch.from_numpy(load_image(args.mask, size, 1))[None].float() / 255         # white: repaint
     return inpaint(loaded, image, known.expand(args.n, -1, -1, -1), options, args.resample, cond, args.device,
                    progress=True)
 

@@ -48,16 +48,3 @@ def save_npz(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
             np.savez(f, **arrays)
     return atomic_write(path, write)
 
-
-def load_image(path: str | Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """An image file as a (1, channels, H, W) tensor in [-1, 1], converted to grey or RGB and resized to ``size``."""
-    from difflab.errors import DifflabError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.float32)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DifflabError(f"{path}: cannot read image ({e})") from None
-    array = array[None] if channels == 1 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())[None] / 127.5 - 1

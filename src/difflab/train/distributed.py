@@ -67,10 +67,6 @@ class DistributedContext:
         """True on every rank when ``flag`` is True on at least one, so all ranks take the same branch."""
         return bool(self.max(float(flag)))
 
-    def all(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on all of them."""
-        return not self.any(not flag)
-
     def max(self, value: float) -> float:
         """The largest of the ranks' ``value``, on every rank (a clock reading they must agree on)."""
         if not self.is_distributed:

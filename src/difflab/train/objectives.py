@@ -43,6 +43,7 @@ class DiffusionObjective:
     def __init__(self, denoiser: Denoiser, loss_fn: Callable, levels: UniformTimesteps | LogNormalSigmas):
         self.denoiser, self.loss_fn, self.levels = denoiser, loss_fn, levels
         self.trained = denoiser.net
+        self._training = denoiser                    # the denoiser around the loop's forward module
 
     def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch:
         """Noise levels, then noise, then condition dropout, all from ``generator``."""
@@ -59,8 +60,9 @@ class DiffusionObjective:
         return StepBatch({"x0": x0, "noise": noise, "sigma": sigma, "t": t, "weights": weights}, cond)
 
     def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
-        return self.loss_fn(self.denoiser.with_net(forward), batch.x0, batch.noise, batch.sigma, batch.cond,
-                            batch.t)
+        if self._training.net is not forward:
+            self._training = self.denoiser.with_net(forward)
+        return self.loss_fn(self._training, batch.x0, batch.noise, batch.sigma, batch.cond, batch.t)
 
     def observe(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """The examples' unweighted losses at their timesteps (the importance sampler's history)."""

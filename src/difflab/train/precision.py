@@ -42,17 +42,26 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, net: nn.Module, grad_clip: float | None) -> None:
-        """Clip the (unscaled) gradients to ``grad_clip`` in global norm, then take the optimiser step."""
+    def step(self, optimizer: torch.optim.Optimizer, net: nn.Module, grad_clip: float | None) -> bool:
+        """Clip the (unscaled) gradients to ``grad_clip`` in global norm, then take the optimiser step; returns
+        False, without stepping, when the gradients hold inf or nan (their global norm, which clipping computes
+        anyway, is not finite). With fp16 loss scaling such steps are the scaler's to skip (and it returns True)."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
+        parameters = [p for p in net.parameters() if p.grad is not None]
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        else:                                        # the same global norm, without clipping
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters])
+                                            if parameters else torch.zeros(1))
         if self.scaler is None:
+            if not torch.isfinite(norm):
+                return False
             optimizer.step()
         else:
             self.scaler.step(optimizer)              # skipped when the gradients hold inf or nan
             self.scaler.update()
+        return True
 
     def state_dict(self) -> dict:
         """The loss scaler's state (plain numbers, saved in the checkpoint's JSON metadata); {} without one."""

@@ -266,19 +266,16 @@ class Trainer:
             example_losses.append(losses)
             for key, value in extras.items():
                 self.extras.setdefault(key, []).append(value)
-        mean_loss = self.dist.mean(loss).item()
-        finite = self.dist.all(math.isfinite(mean_loss) and (self.precision.scaler is not None
-                                                             or gradients_finite(self.net)))
+        mean_loss = self.dist.mean(loss).item()              # the same on every rank, as are the gradients
         self.mid_step = True                  # from here to the end the state changes: no checkpoint mid-way
-        if not finite:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        if not math.isfinite(mean_loss) or not self.precision.step(self.optimizer, self.net, t.grad_clip):
             self.skip_nonfinite(mean_loss)
             return mean_loss
         if hasattr(self.objective, "observe") and local.t is not None:  # every rank records the global batch
             self.objective.observe(self.dist.gather(local.t.to(self.device)).cpu(),
                                    self.dist.gather(torch.cat(example_losses)).cpu())
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
-        self.precision.step(self.optimizer, self.net, t.grad_clip)
         self.step += 1
         self.ema.update(self.net, self.step * t.batch_size, t.batch_size)
         self.mid_step = False
@@ -307,13 +304,14 @@ class Trainer:
         if self.dist.is_main:
             append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
 
-    def out_of_time(self) -> bool:
-        """Whether the run's train.max_minutes of training (over all its invocations) have passed, as rank 0's
-        clock says to all ranks (they stop together)."""
+    def stop_reason(self) -> str | None:
+        """"interrupt" once Ctrl-C was pressed on any rank, "time" once the run's train.max_minutes of training
+        (over all its invocations) have passed on rank 0's clock, else None; one agreement between the ranks
+        per step, so they stop together."""
         minutes = self.train_config.max_minutes
-        if minutes is None:
-            return False
-        return self.dist.any(self.dist.is_main and self.elapsed() > 60 * minutes)
+        out_of_time = minutes is not None and self.dist.is_main and self.elapsed() > 60 * minutes
+        agreed = self.dist.max(2.0 * self.interrupt_requested + out_of_time)
+        return "interrupt" if agreed >= 2 else "time" if agreed >= 1 else None
 
     def progress_position(self) -> int:
         """Where the bar stands: steps done, or seconds trained when the time budget ends the run first."""
@@ -388,11 +386,12 @@ class Trainer:
                     self.save()
                 if self.step % t.sample_every == 0:
                     self.preview(f"step_{self.step:07d}")
-                if self.out_of_time():
+                reason = self.stop_reason()
+                if reason == "interrupt":
+                    raise KeyboardInterrupt
+                if reason == "time":
                     stopped_by = "time"
                     break
-                if self.dist.any(self.interrupt_requested):
-                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
             if not self.mid_step:              # a torn step is never saved: the last checkpoint stays
@@ -404,10 +403,3 @@ class Trainer:
         self.dist.barrier()          # the other ranks return once the checkpoint is written
         return TrainResult(self.step, path, loss, stopped_by)
 
-
-def gradients_finite(net: torch.nn.Module) -> bool:
-    """Whether every gradient is finite (one host sync)."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
