@@ -26,6 +26,16 @@ from difflab.conditioning import Cond
 from difflab.samplers.noise import PerSampleNoise
 
 
+def ddim_step(model: Callable, x: torch.Tensor, sigma: float, sigma_next: float, noise: PerSampleNoise,
+              cond: Cond | None = None, eta: float = 0.0) -> torch.Tensor:
+    """One step of Eq. 12 from sigma to sigma_next: x' = x0 + sqrt(sigma'^2 - s_up^2) eps + s_up z."""
+    x0 = model(x, sigma, cond)
+    eps = (x - x0) / sigma
+    s_up = eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next ** 2 / sigma ** 2))
+    x = x0 + math.sqrt(sigma_next ** 2 - s_up ** 2) * eps
+    return x + s_up * noise.randn_like(x) if s_up > 0 else x
+
+
 @torch.no_grad()
 def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: PerSampleNoise,
                 cond: Cond | None = None, eta: float = 0.0,
@@ -35,12 +45,7 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise: P
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x0 = model(x, sigma, cond)
-        eps = (x - x0) / sigma
-        s_up = eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next ** 2 / sigma ** 2))
-        x = x0 + math.sqrt(sigma_next ** 2 - s_up ** 2) * eps
-        if s_up > 0:
-            x = x + s_up * noise.randn_like(x)
+        x = ddim_step(model, x, sigma, sigma_next, noise, cond, eta)
         if callback is not None:
             callback(i, x)
     return x

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from difflab.conditioning import Cond
+from difflab.samplers.ddim import ddim_step
 from difflab.samplers.noise import PerSampleNoise
 
 
@@ -34,12 +35,7 @@ def sample_repaint(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, noise
     sigmas = sigmas.tolist()
     for i, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         for u in range(resample):
-            x0 = model(x, sigma, cond)
-            eps = (x - x0) / sigma
-            s_up = sigma_next * math.sqrt(max(0.0, 1 - sigma_next ** 2 / sigma ** 2))      # DDIM, eta = 1
-            unknown = x0 + math.sqrt(sigma_next ** 2 - s_up ** 2) * eps
-            if s_up > 0:
-                unknown = unknown + s_up * noise.randn_like(x)
+            unknown = ddim_step(model, x, sigma, sigma_next, noise, cond, eta=1.0)          # ancestral
             seen = known + sigma_next * noise.randn_like(x) if sigma_next > 0 else known
             x = mask * seen + (1 - mask) * unknown
             if u < resample - 1:                                                        # back up to sigma
