@@ -10,14 +10,14 @@ import torch
 from difflab.conditioning import ClassLabel
 from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
-from difflab.denoiser import Denoiser, EDMPrecond, Precond, VPPrecond
+from difflab.denoiser import ConsistencyPrecond, Denoiser, EDMPrecond, Precond, VPPrecond
 from difflab.errors import DifflabError
 from difflab.model import ModelSpec, denoiser_from_spec
 from difflab.nets.registry import resolve_network
 from difflab.schedules import NoiseSchedule
 
 DATASETS = ("fashion_mnist", "folder", "toy")
-PRECONDS = ("vp", "edm")
+PRECONDS = ("vp", "edm", "consistency")
 IMAGE_RANGE = (-1.0, 1.0)         # InMemoryData scales pixels to [-1, 1]
 
 
@@ -48,7 +48,7 @@ def data_std(data: InMemoryData, max_examples: int = 10000) -> float:
 def build_precond(config: DiffusionConfig, data: InMemoryData | None = None) -> Precond:
     if config.precond == "vp":
         return VPPrecond(build_schedule(config), config.prediction)
-    if config.precond == "edm":
+    if config.precond in ("edm", "consistency"):
         if config.learn_variance:
             raise DifflabError("diffusion.learn_variance needs diffusion.precond 'vp' (a discrete schedule)")
         sigma_data = config.sigma_data
@@ -56,7 +56,8 @@ def build_precond(config: DiffusionConfig, data: InMemoryData | None = None) -> 
             if data is None:
                 raise DifflabError("diffusion.sigma_data: measuring it needs the training data")
             sigma_data = data_std(data)
-        return EDMPrecond(sigma_data, config.sigma_min, config.sigma_max)
+        kind = EDMPrecond if config.precond == "edm" else ConsistencyPrecond
+        return kind(sigma_data, config.sigma_min, config.sigma_max)
     raise DifflabError(f"unknown diffusion.precond {config.precond!r}; choose one of {PRECONDS}")
 
 

@@ -24,6 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difflab.train.diffusion import diffusion_trainer
 
     config = load_config(args.config, args.set)
+    if config.distill.method == "progressive":
+        return train_progressive(config, args)
     dist = distributed.init(config.train.device, os.environ)     # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
@@ -44,6 +46,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     ranks = f" on {dist.world_size} ranks" if dist.is_distributed else ""
     say(f"trained {config.name} to step {result.step}{ranks} (stopped by {result.stopped_by}, last loss "
         f"{result.last_loss:.4f}); checkpoint {result.checkpoint}; samples in {trainer.out_dir / 'samples'}")
+    return 0
+
+
+def train_progressive(config, args: argparse.Namespace) -> int:
+    """Progressive distillation: its rounds, one run folder each (one process; no torchrun)."""
+    from difflab.pipelines.ddpm import preview_callback
+    from difflab.train.progressive import progressive_distillation
+
+    say = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    try:
+        results = progressive_distillation(config, resume=bool(args.resume), progress=not args.quiet,
+                                           overwrite=args.overwrite, preview=preview_callback, say=say)
+    except KeyboardInterrupt:
+        say(f"\ninterrupted; every round's last checkpoint is kept under {config.train.out_dir} "
+            f"(continue with --resume)")
+        return 130
+    last = results[-1].checkpoint if results else config.train.out_dir
+    print(f"distilled {config.name}: {len(results)} round(s) trained; the last student is {last}")
     return 0
 
 

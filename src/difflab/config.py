@@ -15,7 +15,7 @@ import yaml
 from difflab.errors import DifflabError
 from difflab.typed import from_dict, to_dict
 
-__all__ = ["Config", "DataConfig", "DiffusionConfig", "ModelConfig", "SampleConfig", "TrainConfig",
+__all__ = ["Config", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig", "TrainConfig",
            "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
 
 
@@ -124,6 +124,7 @@ class SampleConfig:
     rho: float = 7.0                    # karras spacing: Karras et al. 2022, Eq. 5
     sigma_min: float | None = None      # karras, logsnr: last noise level before the final denoising step
     sigma_max: float | None = None      # karras, logsnr: first noise level (None: the model's, at most 80)
+    sigmas: tuple[float, ...] | None = None   # an explicit grid, decreasing (a final 0 is appended): replaces steps/spacing
     eta: float | None = None            # ddim, euler-ancestral (Song et al. 2021, Eq. 16); None: 0 / 1
     s_churn: float = 0.0                # euler, heun: Karras et al. 2022, Alg. 2 (0: deterministic)
     s_tmin: float = 0.0
@@ -139,6 +140,40 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Few-step generators (``difflab.train.fewstep``). ``method``:
+
+    - ``progressive``: progressive distillation (Salimans & Ho 2022, Alg. 2) of ``teacher``: rounds of
+      ``start_steps`` -> ``start_steps / 2`` -> ... -> ``end_steps`` DDIM steps on the schedule's trailing grid,
+      each a run of ``train.steps`` / ``minutes_per_round`` in ``train.out_dir/steps_NNNN``;
+    - ``cd``: consistency distillation of ``teacher`` (Song et al. 2023, Alg. 2), its ``solver`` step between
+      adjacent levels of a Karras grid of ``levels`` levels, the target an EMA (``target_ema``) of the student;
+    - ``ct``: consistency training (Song et al. 2023, Alg. 3) with the N(k), mu(k) schedules of App. C;
+    - ``ict``: improved consistency training (Song & Dhariwal 2023): no EMA target, pseudo-Huber distance,
+      doubling N(k), log-normal level sampling, lambda = 1 / (sigma_{i+1} - sigma_i).
+
+    The consistency models are ``diffusion.precond: consistency`` (sigma_min, sigma_max, sigma_data there)."""
+    method: str | None = None           # None: ordinary diffusion training | progressive | cd | ct | ict
+    teacher: str | None = None          # progressive, cd: the teacher's run folder or checkpoint
+    # progressive distillation
+    start_steps: int = 256              # the first student's DDIM steps (its teacher takes twice as many)
+    end_steps: int = 1
+    minutes_per_round: float | None = None   # each round's time budget (train.steps also bounds it)
+    weighting: str = "snr_plus_one"     # x0-error weight: snr_plus_one (= v-MSE) | truncated_snr (max(SNR, 1))
+    # consistency models
+    solver: str = "heun"                # cd: the teacher's ODE step, heun | euler
+    levels: int = 18                    # cd: N, the Karras grid's levels (Song et al. 2023: 18 on CIFAR-10)
+    target_ema: float = 0.95            # cd: mu of the target network
+    distance: str = "l2"                # l2 | pseudo_huber (iCT: c = 0.00054 sqrt(d))
+    rho: float = 7.0                    # the Karras grid of the levels
+    s0: int | None = None               # ct, ict: initial / final number of levels (None: the paper's, ct 2
+    s1: int | None = None               # and 150, ict 10 and 1280)
+    mu0: float = 0.9                    # ct: the target EMA at the start
+    p_mean: float = -1.1                # ict: log-normal level sampling (Song & Dhariwal 2023, Sec. 3.5)
+    p_std: float = 2.0
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -146,6 +181,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -211,11 +247,22 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.num_sample_images": (_at_least_one, "at least 1"),
     "train.keep_checkpoints": (_non_negative, "at least 0"),
     "train.grad_accumulation": (_at_least_one, "at least 1"),
+    "distill.start_steps": (_at_least_one, "at least 1"),
+    "distill.end_steps": (_at_least_one, "at least 1"),
+    "distill.minutes_per_round": (_positive, "positive (or null: train.steps alone)"),
+    "distill.levels": (lambda v: v >= 2, "at least 2"),
+    "distill.target_ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "distill.s0": (lambda v: v >= 2, "at least 2"),
+    "distill.s1": (lambda v: v >= 2, "at least 2"),
+    "distill.mu0": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "distill.p_std": (_positive, "positive"),
     "sample.batch_size": (_at_least_one, "at least 1"),
     "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),
     "sample.rho": (_positive, "positive"),
     "sample.sigma_min": (_positive, "positive"),
     "sample.sigma_max": (_positive, "positive"),
+    "sample.sigmas": (lambda v: len(v) >= 1 and all(a > b for a, b in zip(v, v[1:])) and v[-1] > 0,
+                      "a decreasing list of positive noise levels"),
     "sample.eta": (_probability, "in [0, 1]"),
     "sample.s_churn": (_non_negative, "at least 0"),
     "sample.langevin_steps": (_at_least_one, "at least 1"),

@@ -168,8 +168,10 @@ class EDMPrecond(Precond):
 
 class ConsistencyPrecond(EDMPrecond):
     """Song et al. 2023, App. C (openai/consistency_models ``get_scalings_for_boundary_condition``):
-    c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = (s - s_min) sd / sqrt(s^2 + sd^2), EDM's c_in and c_noise;
-    so D(x; sigma_min) = x exactly."""
+    c_skip = sd^2 / ((s - s_min)^2 + sd^2), c_out = (s - s_min) sd / sqrt(s^2 + sd^2), EDM's c_in; so
+    D(x; sigma_min) = x exactly. c_noise = 1000 ln(s) / 4 as in openai/consistency_models (``rescaled_t``):
+    EDM's ln(s) / 4 stretched to the range of timesteps that a U-Net's sinusoidal embedding is built for.
+    The same scalings serve training and sampling (``Denoiser`` applies them in both)."""
 
     kind = "consistency"
 
@@ -179,7 +181,7 @@ class ConsistencyPrecond(EDMPrecond):
         c_skip = sd2 / (shifted ** 2 + sd2)
         c_out = shifted * self.sigma_data / (sigma ** 2 + sd2).sqrt()
         c_in = 1 / (sigma ** 2 + sd2).sqrt()
-        return c_skip, c_out, c_in, sigma.log() / 4
+        return c_skip, c_out, c_in, 250 * sigma.log()
 
 
 def precond_from_json(values: dict) -> Precond:

@@ -89,6 +89,20 @@ def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Con
     return model
 
 
+def options_grid(precond, options: SampleConfig) -> torch.Tensor:
+    """The sigma grid ``options`` name: their explicit ``sigmas`` (e.g. a grid optimised for the model), else
+    ``steps`` levels of their spacing."""
+    if options.sigmas is not None:
+        return torch.tensor([*options.sigmas, 0.0], dtype=torch.float64)
+    if options.sampler == "consistency":
+        # Song et al. 2023, Alg. 1: sigma_max and steps - 1 intermediate levels, of a grid of steps + 1 levels
+        # without its sigma_min (where f(x, sigma_min) = x: an evaluation that would change nothing)
+        steps = int(options.steps)
+        grid = sigma_grid(precond, steps + 1, options.spacing, options.rho, options.sigma_min, options.sigma_max)
+        return torch.cat([grid[:-2], grid[-1:]])
+    return sigma_grid(precond, options.steps, options.spacing, options.rho, options.sigma_min, options.sigma_max)
+
+
 @dataclass
 class SamplingPlan:
     """What ``generate`` needs: the sampler, the (guided) model, its grid and the sampler's arguments."""
@@ -121,8 +135,7 @@ def sampling_plan(loaded: LoadedModel | Denoiser, options: SampleConfig, cond: C
         schedule = precond.schedule
         grid = schedule.respace(space_timesteps(len(schedule), options.steps))
     else:
-        grid = sigma_grid(precond, options.steps, options.spacing, options.rho, options.sigma_min,
-                          options.sigma_max)
+        grid = options_grid(precond, options)
         kwargs.update(prior_std=precond.prior_std(grid[0].item()))
     return SamplingPlan(SAMPLERS[options.sampler], model, grid, kwargs, spec)
 

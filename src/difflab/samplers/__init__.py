@@ -13,6 +13,7 @@ arguments (also ``SampleConfig`` fields) each one takes beyond the common ones.
 """
 
 from difflab.samplers.ancestral import sample_ancestral
+from difflab.samplers.consistency import sample_consistency
 from difflab.samplers.ddim import ddim_invert, sample_ddim, sample_euler_ancestral, slerp
 from difflab.samplers.dpm_solver import sample_dpmpp_2m
 from difflab.samplers.generate import generate
@@ -34,6 +35,7 @@ SAMPLERS = {
     "euler-ancestral": sample_euler_ancestral,
     "langevin": sample_langevin,
     "pc": sample_pc,
+    "consistency": sample_consistency,
 }
 DISCRETE_SAMPLERS = ("ancestral",)          # take (denoiser, x_T, NoiseSchedule); the others work in sigma space
 
@@ -48,9 +50,10 @@ SAMPLER_OPTIONS = {
     "euler-ancestral": ("eta",),
     "langevin": ("langevin_steps", "step_size"),
     "pc": ("langevin_steps", "snr"),
+    "consistency": (),
 }
 
 __all__ = ["DISCRETE_SAMPLERS", "SAMPLERS", "SAMPLER_OPTIONS", "SPACINGS", "CountingModel", "PerSampleNoise",
            "build_sigmas", "ddim_invert", "sigma_grid", "generate", "karras_sigmas", "logsnr_sigmas", "prior_std",
-           "sample_ancestral", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
+           "sample_ancestral", "sample_consistency", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral",
            "sample_heun", "sample_langevin", "sample_pc", "sample_repaint", "sample_unipc", "slerp", "steps_for_nfe"]

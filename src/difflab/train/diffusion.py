@@ -1,4 +1,5 @@
-"""Training a diffusion model: the experiment's data and model, its ``DiffusionObjective``, the common loop.
+"""Training a diffusion model: the experiment's data and model, its objective (``DiffusionObjective``, or a
+consistency model's ``ConsistencyObjective``), the common loop.
 
     trainer = diffusion_trainer(load_config("configs/fashion_mnist.yaml"))
     trainer.run()
@@ -22,7 +23,10 @@ from difflab.model import ModelSpec
 from difflab.losses import LOSSES, build_loss, check_loss
 from difflab.train import distributed
 from difflab.train.distributed import DistributedContext
+from difflab.train.consistency import METHODS as CONSISTENCY_METHODS
+from difflab.train.consistency import ConsistencyObjective
 from difflab.train.objectives import DiffusionObjective, diffusion_levels
+from difflab.train.teacher import load_teacher
 from difflab.train.timesteps import TIMESTEP_SAMPLERS
 from difflab.train.trainer import Trainer
 
@@ -51,6 +55,27 @@ def diffusion_objective(config: Config, denoiser: Denoiser) -> DiffusionObjectiv
     return DiffusionObjective(denoiser, build_loss(t.loss, t.vlb_weight, t.min_snr_gamma), levels)
 
 
+def training_objective(config: Config, denoiser: Denoiser, spec: ModelSpec, device: torch.device | str = "cpu"):
+    """The experiment's objective: a diffusion loss, or a consistency model's (``distill.method`` cd, ct, ict)."""
+    d = config.distill
+    if d.method is None:
+        return diffusion_objective(config, denoiser)
+    if d.method not in CONSISTENCY_METHODS:
+        raise DifflabError(f"distill.method {d.method!r} is not a single training run; choose one of "
+                           f"{CONSISTENCY_METHODS}, or progressive (difflab train runs its rounds)")
+    teacher = None
+    if d.method == "cd":
+        if not d.teacher:
+            raise DifflabError("distill.teacher: consistency distillation needs the teacher's run folder or checkpoint")
+        loaded = load_teacher(d.teacher)
+        if loaded.spec.sample_shape != spec.sample_shape:
+            raise DifflabError(f"distill.teacher {loaded.path} makes samples of shape {loaded.spec.sample_shape}, "
+                               f"the data are {spec.sample_shape}")
+        teacher = loaded.denoiser.to(device)
+    return ConsistencyObjective(denoiser, d.method, config.train.steps, teacher, d.solver, d.distance, d.levels,
+                                d.target_ema, d.rho, d.s0, d.s1, d.mu0, d.p_mean, d.p_std)
+
+
 def diffusion_trainer(config: Config, resume: bool | str | Path = False, progress: bool = True,
                       dist: DistributedContext | None = None,
                       preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None,
@@ -63,7 +88,7 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     data = build_data(config.data)
     denoiser, spec = build_model(config, data)
     denoiser = denoiser.to(dist.device)
-    objective = diffusion_objective(config, denoiser)
+    objective = training_objective(config, denoiser, spec, dist.device)
     callback = preview(spec) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,

@@ -32,7 +32,7 @@ from difflab.train.timesteps import LogNormalSigmas, UniformTimesteps
 class Objective(Protocol):
     trained: nn.Module
 
-    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch: ...
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int) -> StepBatch: ...
 
     def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor | tuple[torch.Tensor, dict]: ...
 
@@ -45,7 +45,7 @@ class DiffusionObjective:
         self.trained = denoiser.net
         self._training = denoiser                    # the denoiser around the loop's forward module
 
-    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch:
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
         """Noise levels, then noise, then condition dropout, all from ``generator``."""
         t = weights = None
         if isinstance(self.levels, LogNormalSigmas):
@@ -54,9 +54,7 @@ class DiffusionObjective:
             t, weights = self.levels.sample(x0.shape[0], generator)
             sigma = self.denoiser.precond.schedule.sigmas[t]
         noise = torch.randn(x0.shape, generator=generator)
-        if cond is not None:
-            cond = Cond({k: v for k, v in cond.items() if k in self.denoiser.conditions})
-            cond = drop_conditions(cond, self.denoiser.conditions, generator) if len(cond) else None
+        cond = dropped_conditions(cond, self.denoiser, generator)
         return StepBatch({"x0": x0, "noise": noise, "sigma": sigma, "t": t, "weights": weights}, cond)
 
     def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
@@ -79,6 +77,15 @@ class DiffusionObjective:
             self.levels.load_state_tensors({k.removeprefix("timesteps."): v for k, v in tensors.items()})
 
 
+def dropped_conditions(cond: Cond | None, denoiser: Denoiser, generator: torch.Generator) -> Cond | None:
+    """The fields of ``cond`` that ``denoiser`` consumes, each dropped to its null value as its condition
+    describes (Ho & Salimans 2021); None when there are none."""
+    if cond is None:
+        return None
+    cond = Cond({k: v for k, v in cond.items() if k in denoiser.conditions})
+    return drop_conditions(cond, denoiser.conditions, generator) if len(cond) else None
+
+
 def diffusion_levels(denoiser: Denoiser, timestep_sampling: str, p_mean: float, p_std: float):
     from difflab.train.timesteps import build_timestep_sampler
 
@@ -93,7 +100,7 @@ class NoisyClassifierObjective:
     def __init__(self, classifier: nn.Module, schedule: NoiseSchedule):
         self.trained, self.schedule = classifier, schedule
 
-    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator) -> StepBatch:
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
         t = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         return StepBatch({"x0": x0, "t": t, "noise": noise}, cond)

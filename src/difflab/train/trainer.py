@@ -239,7 +239,7 @@ class Trainer:
         x0, y = self.data.batch(self.batches.indices(step))
         if getattr(self.config.data, "hflip", False) and x0.ndim == 4:
             x0 = random_hflip(x0, g)
-        return self.objective.draw(x0, Cond(label=y) if y is not None else None, g)
+        return self.objective.draw(x0, Cond(label=y) if y is not None else None, g, step)
 
     def micro_batch_loss(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The micro-batch's (importance-weighted) mean loss, each example's unweighted loss, and the
@@ -278,6 +278,8 @@ class Trainer:
                                    self.dist.gather(torch.cat(example_losses)).cpu())
         self.step += 1
         self.ema.update(self.net, self.step * t.batch_size, t.batch_size)
+        if hasattr(self.objective, "after_step"):          # e.g. a consistency model's target network
+            self.objective.after_step(self.step)
         self.mid_step = False
         return mean_loss
 
