@@ -300,3 +300,21 @@ def test_consistency_runs_resume_exactly(method, tmp_path):
     assert any(k.startswith("train.target.") for k in straight.tensors)
     for key, value in straight.tensors.items():
         assert torch.equal(value, resumed.tensors[key]), key
+
+
+def test_tune_grid_and_sample_with_it_from_the_cli(tmp_path, capsys):
+    """`difflab tune-grid` writes a grid beside the run; `difflab sample --grid` samples with it."""
+    from difflab.cli import main
+    from difflab.pipelines.grid_search import load_grid
+
+    run = tmp_path / "toy"
+    assert main(["train", "configs/toy.yaml", "--set", f"train.out_dir={run}", "--set", "train.steps=30", *TOY]) == 0
+    assert main(["tune-grid", str(run), "--sampler", "dpmpp-2m", "--nfe", "3", "--n", "32",
+                 "--reference-steps", "20", "--quiet"]) == 0
+    sampler, sigmas = load_grid(run / "grids" / "dpmpp-2m_nfe3.json")
+    assert sampler == "dpmpp-2m" and len(sigmas) == 3
+    capsys.readouterr()
+    assert main(["sample", str(run), "--grid", str(run / "grids" / "dpmpp-2m_nfe3.json"), "--n", "10",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "dpmpp-2m sampler, grid" in capsys.readouterr().err
+    assert main(["sample", str(run), "--grid", str(tmp_path / "missing.json"), "--n", "10"]) == 2

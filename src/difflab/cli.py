@@ -87,7 +87,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise DifflabError(f"--class: {loaded.path} is not class-conditional (and no --classifier is given)")
         labels = torch.full((args.n,), label.class_id(args.class_label), dtype=torch.long)
     print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
-          f"{options.sampler} sampler, {options.steps} steps", file=sys.stderr)
+          f"{options.sampler} sampler, " + (f"grid {', '.join(f'{v:g}' for v in options.sigmas)}" if options.sigmas
+                                            else f"{options.steps} steps"), file=sys.stderr)
     if args.init_image is None:
         if args.mask is not None:
             raise DifflabError("--mask needs the image to inpaint (--init-image)")
@@ -206,12 +207,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "eta", "variance", "seed", "batch_size", "guidance",
+SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "sigmas", "eta", "variance", "seed", "batch_size", "guidance",
                     "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr", "classifier",
                     "classifier_scale")
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
+
+
+def noise_levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of noise levels") from None
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -224,6 +232,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="noise levels of the sigma-space samplers (karras, logsnr, uniform, leading, trailing)")
     parser.add_argument("--sigma-min", type=float, default=None, help="karras/logsnr: smallest noise level")
     parser.add_argument("--sigma-max", type=float, default=None, help="karras/logsnr: largest noise level")
+    parser.add_argument("--sigmas", type=noise_levels, default=None, metavar="S1,S2,...",
+                        help="an explicit decreasing grid of noise levels (a final 0 is added): replaces --steps")
+    parser.add_argument("--grid", type=Path, default=None, metavar="FILE.json",
+                        help="a grid written by `difflab tune-grid`: its sampler and noise levels")
     parser.add_argument("--eta", type=float, default=None, help="DDIM / ancestral-Euler noise, 0 to 1")
     parser.add_argument("--langevin-steps", type=int, default=None,
                         help="langevin: steps per noise level; pc: corrector steps per level")
@@ -248,7 +260,26 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
     overrides = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    if getattr(args, "grid", None) is not None:
+        from difflab.pipelines.grid_search import load_grid
+
+        if args.sigmas is not None:
+            raise DifflabError("--grid and --sigmas both set the noise levels: give one")
+        sampler, sigmas = load_grid(args.grid)
+        overrides.update(sampler=overrides.get("sampler", sampler), sigmas=sigmas)
     return {**overrides, **THRESHOLDS.get(args.threshold, {})}
+
+
+def cmd_tune_grid(args: argparse.Namespace) -> int:
+    from difflab.pipelines.grid_search import tune_grid
+
+    result = tune_grid(args.checkpoint, args.sampler, args.nfe, args.n, args.criterion, args.reference_steps,
+                       sigma_max=args.sigma_max, seed=args.seed, device=device_option(args.device), out=args.out,
+                       progress=not args.quiet)
+    print(json.dumps({k: result[k] for k in ("sampler", "nfe", "sigmas", "loss", "start_loss")}))
+    print(f"wrote {args.out or Path(result['checkpoint']).parent / 'grids' / f'{args.sampler}_nfe{args.nfe}.json'}; "
+          f"sample with --grid FILE", file=sys.stderr)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,6 +364,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", type=Path, default=None,
                           help="reference statistics cache (default: $DIFFLAB_CACHE/stats or ~/.cache/difflab/stats)")
     evaluate.set_defaults(func=cmd_eval)
+
+    from difflab.pipelines.grid_search import CRITERIA, ODE_SAMPLERS
+    tune = sub.add_parser("tune-grid", help="optimise an ODE sampler's noise levels for a model and a budget "
+                                            "(no data: matching the model's own fine ODE solutions)")
+    tune.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+    tune.add_argument("--sampler", choices=ODE_SAMPLERS, default="dpmpp-2m", help="the solver (default: dpmpp-2m)")
+    tune.add_argument("--nfe", type=int, default=5, help="network evaluations per sample (default: 5)")
+    tune.add_argument("--n", type=int, default=256, help="samples the criterion averages over (default: 256)")
+    tune.add_argument("--criterion", choices=CRITERIA, default="trajectory",
+                      help="mean distance (default) or mean squared distance to the reference solutions")
+    tune.add_argument("--reference-steps", type=int, default=100, help="steps of the reference solve (default: 100)")
+    tune.add_argument("--sigma-max", type=float, default=None, help="largest level allowed (default: the preset's)")
+    tune.add_argument("--seed", type=int, default=1_000_000, help="seed of the first search sample (default: 1000000)")
+    tune.add_argument("--out", type=Path, default=None, help="grid file (default: RUN/grids/<sampler>_nfe<N>.json)")
+    tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(func=cmd_tune_grid)
     return parser
 
 

@@ -155,14 +155,18 @@ def nll_on_test_set(loaded: LoadedModel, count: int, sampling: SampleConfig, pro
 
 
 # -- the two entry points ----------------------------------------------------------------------------------------
-def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, sampling: dict | None = None,
+def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, sampling: dict | SampleConfig | None = None,
              weights: str = "ema", device: str = "cpu", save_samples_to: str | Path | None = None) -> dict:
-    """Sample a checkpoint and score it; ``sampling`` overrides its config's sample section (sampler, steps, ...)."""
+    """Sample a checkpoint and score it; ``sampling`` overrides its config's sample section (sampler, steps, ...;
+    None values keep the config's), or replaces it (a ``SampleConfig``)."""
     options = options or EvalOptions()
     loaded = load_model(checkpoint, weights, device)
     check_fashion_mnist(loaded.config, loaded.path)
-    sample_options = dataclasses.replace(loaded.config.sample,
-                                         **{k: v for k, v in (sampling or {}).items() if v is not None})
+    if isinstance(sampling, SampleConfig):
+        sample_options = sampling
+    else:
+        sample_options = dataclasses.replace(loaded.config.sample,
+                                             **{k: v for k, v in (sampling or {}).items() if v is not None})
     start = time.perf_counter()
     images, labels = draw_samples(loaded, options.n, sample_options, device, options.progress)
     sampling_s = time.perf_counter() - start
