@@ -147,7 +147,7 @@ def test_slerp():
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_network_evaluations(steps):
     expected = {"ddim": steps, "euler": steps, "heun": 2 * steps - 1, "dpmpp-2m": steps, "unipc": steps,
-                "euler-ancestral": steps,
+                "euler-ancestral": steps, "consistency": steps,
                 "langevin": 10 * steps + 1, "pc": 2 * steps}       # their defaults: 10 and 1 Langevin steps per level
     for name in SIGMA_SAMPLERS:
         assert run(SAMPLERS[name], steps, n=4)[1] == expected[name], name
