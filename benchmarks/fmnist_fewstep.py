@@ -16,8 +16,8 @@ teacher at 20 and at the same few evaluations with its own ODE samplers (issue 1
 
 Every row draws 10,000 samples (seeds 0..9999) on one thread and is scored against the test set with the
 shipped classifier's features (``difflab.pipelines.evaluate``); nothing here was chosen on the test set.
-Training minutes are one thread's, from the checkpoints (progressive: the sum of its rounds; the
-teacher's 30 minutes come on top for progressive and cd).
+Training minutes are one thread's, from the checkpoints (progressive: the sum of its rounds down to
+each column's student, 1-step first; the teacher's 30 minutes come on top for progressive and cd).
 
     python benchmarks/fmnist_fewstep.py sample teacher progressive cd ct ict   # --steps 1,2,4,5,8 --n 10000
     python benchmarks/fmnist_fewstep.py report             # benchmarks/results/fmnist_fewstep.{json,md}
@@ -114,7 +114,7 @@ def run_report(args: argparse.Namespace) -> None:
     labels = sorted({(r["method"], r["sampler"]) for r in results},
                     key=lambda m: (["teacher", *METHODS].index(m[0]), m[1]))
     header = ["method", "sampler", *(f"{s} step{'s' if s > 1 else ''}" for s in STEPS), "training minutes"]
-    rows = [["teacher", race["sampler"] + " (19 NFE)", *([f"{teacher_fid:.2f}"] + [""] * (len(STEPS) - 1)),
+    rows = [["teacher", f"{race['sampler']}: FID {teacher_fid:.2f} at 19 NFE", *([""] * len(STEPS)),
              f"{race['train']['seconds'] / 60:.0f}"]]
     for method, label in labels:
         fids = [cell.get((method, label, s)) for s in STEPS]
