@@ -61,8 +61,25 @@ def build_precond(config: DiffusionConfig, data: InMemoryData | None = None) -> 
     raise DifflabError(f"unknown diffusion.precond {config.precond!r}; choose one of {PRECONDS}")
 
 
-def model_spec(config: Config, data: InMemoryData) -> ModelSpec:
-    """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions."""
+def build_latent_data(config: DataConfig, split: str = "train"):
+    """The data set in the latent space of ``config.autoencoder`` (encoded once, cached beside it), and that
+    latent space."""
+    from difflab.latent import cache_path, encode_dataset, load_latent_space
+
+    space = load_latent_space(config.autoencoder)
+    if config.hflip:
+        raise DifflabError("data.hflip flips images, not latents: it cannot be used with data.autoencoder")
+    images = build_data(config, split)
+    if images.sample_shape != space.image_shape:
+        raise DifflabError(f"data.autoencoder {space.source} encodes images of shape {space.image_shape}, the "
+                           f"data are {images.sample_shape} (data.image_size, data.channels)")
+    cache = cache_path(space, config, split) if config.cache_latents else None
+    return encode_dataset(space, images, cache), space
+
+
+def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
+    """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions;
+    ``latent``: the ``LatentSpace`` the data are in (latent diffusion)."""
     shape = data.sample_shape
     conditions = []
     if config.data.conditional:
@@ -74,9 +91,10 @@ def model_spec(config: Config, data: InMemoryData) -> ModelSpec:
     options = resolve_network(config.model.kind, config.model.options, shape, out_channels,
                                data.num_classes if conditions else None)
     return ModelSpec(config.model.kind, options, build_precond(config.diffusion, data).to_json(), shape,
-                     IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance)
+                     IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance,
+                     latent.to_json() if latent is not None else None)
 
 
-def build_model(config: Config, data: InMemoryData) -> tuple[Denoiser, ModelSpec]:
-    spec = model_spec(config, data)
+def build_model(config: Config, data: InMemoryData, latent=None) -> tuple[Denoiser, ModelSpec]:
+    spec = model_spec(config, data, latent)
     return denoiser_from_spec(spec), spec

@@ -70,15 +70,19 @@ def save_checkpoint(path: str | Path, config: Config | Any, state: dict, model: 
                     ema_model: torch.nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     train_tensors: dict[str, torch.Tensor] | None = None, file_format: str = FORMAT,
-                    records: dict | None = None, write_config: bool = True) -> Path:
+                    records: dict | None = None, write_config: bool = True,
+                    frozen: dict[str, torch.nn.Module] | None = None) -> Path:
     """``config``: the experiment (a ``Config``, or another experiment dataclass such as a classifier's).
     ``file_format``: the metadata's format tag, which readers check. ``train_tensors``: other training state
     (e.g. the timestep sampler's loss history), saved under ``train.`` (read back with
     ``Checkpoint.section("train")``). ``records``: more JSON-serialisable records for the metadata (the
-    model's description under "model")."""
+    model's description under "model"). ``frozen``: modules that belong to the model but are not trained (a
+    latent model's autoencoder), saved under ``frozen.NAME.``."""
     path = Path(path)
     tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"train.{k}": v.detach().contiguous() for k, v in (train_tensors or {}).items()})
+    for name, module in (frozen or {}).items():
+        tensors.update({f"frozen.{name}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
     if ema_model is not None:
         tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in ema_model.state_dict().items()})
     state = dict(state)

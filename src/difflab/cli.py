@@ -26,11 +26,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     if config.distill.method == "progressive":
         return train_progressive(config, args)
+    if config.model.kind == "autoencoder":
+        return train_autoencoder(config, args)
     dist = distributed.init(config.train.device, os.environ)     # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     say = print if dist.is_main else (lambda *a, **k: None)
     try:
         trainer = diffusion_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
-                                    dist=dist, preview=lambda spec: preview_callback(config, spec, dist.device),
+                                    dist=dist, preview=lambda spec, latent: preview_callback(config, spec, dist.device, latent),
                                     overwrite=args.overwrite)
         if trainer.step:
             say(f"resuming {config.name} from step {trainer.step}", file=sys.stderr)
@@ -46,6 +48,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     ranks = f" on {dist.world_size} ranks" if dist.is_distributed else ""
     say(f"trained {config.name} to step {result.step}{ranks} (stopped by {result.stopped_by}, last loss "
         f"{result.last_loss:.4f}); checkpoint {result.checkpoint}; samples in {trainer.out_dir / 'samples'}")
+    return 0
+
+
+def train_autoencoder(config, args: argparse.Namespace) -> int:
+    """The autoencoder of latent diffusion; when its training ends, its latent scale is measured and saved."""
+    from difflab.train.autoencoder import autoencoder_trainer, finish_autoencoder
+
+    trainer = autoencoder_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
+                                  overwrite=args.overwrite)
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; checkpoint kept in {trainer.out_dir} (continue with --resume; "
+              f"the latent scale is measured when training ends)", file=sys.stderr)
+        return 130
+    record = finish_autoencoder(trainer)
+    error = record["test_reconstruction"]
+    print(f"trained autoencoder {config.name} to step {result.step} (stopped by {result.stopped_by}); latent scale "
+          f"{record['scale']:.5f} over {record['scale_examples']} training images; test reconstruction MSE "
+          f"{error['mse']:.5f}, MAE {error['mae']:.4f} (pixels in [-1, 1]); checkpoint {result.checkpoint}")
     return 0
 
 
@@ -110,7 +132,7 @@ def edit_images(args: argparse.Namespace, loaded, options, cond):
 
     if not loaded.spec.is_image:
         raise DifflabError(f"--init-image: {loaded.path} is not an image model")
-    channels, size, _ = loaded.spec.sample_shape              # square; images are resized and centre-cropped
+    channels, size, _ = loaded.spec.image_shape               # square; images are resized and centre-cropped
     image = torch.from_numpy(load_image(args.init_image, size, channels))[None].float() / 127.5 - 1
     image = image.expand(args.n, -1, -1, -1)
     if args.mask is None:
@@ -132,8 +154,8 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.checkpoint, args.weights, "cpu")
     config, denoiser = loaded.config, loaded.denoiser
-    if not loaded.spec.is_image or loaded.spec.conditions:
-        raise DifflabError(f"interpolate: needs an unconditional image model, {loaded.path} is not one")
+    if not loaded.spec.is_image or loaded.spec.conditions or loaded.spec.is_latent:
+        raise DifflabError(f"interpolate: needs an unconditional pixel-space image model, {loaded.path} is not one")
     count = 2 * args.pairs
     if args.test_images:
         data = build_data(config.data, split="test")
@@ -169,6 +191,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from difflab.pipelines.ddpm import model_spec_of
 
     checkpoint = load_checkpoint(args.checkpoint)
+    if "autoencoder" in checkpoint.metadata and "model" not in checkpoint.metadata:
+        return autoencoder_info(checkpoint)
     spec = model_spec_of(checkpoint)
     net = denoiser_from_spec(spec).net                  # info loads what it reports
     for weights in ("model", "ema") if checkpoint.has_ema else ("model",):
@@ -182,6 +206,21 @@ def cmd_info(args: argparse.Namespace) -> int:
             "parameters": parameters, "has_ema": checkpoint.has_ema, "model": spec.to_json() | {
                 "precond": {k: v for k, v in spec.precond.items() if k != "betas"}},
             "config": to_dict(checkpoint.config)}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def autoencoder_info(checkpoint) -> int:
+    from difflab.config import to_dict
+    from difflab.latent import LatentSpace
+
+    record = checkpoint.metadata["autoencoder"]
+    space = LatentSpace.from_checkpoint(checkpoint, {**record, "scale": record.get("scale") or 1.0}, "model")
+    if checkpoint.has_ema:
+        LatentSpace.from_checkpoint(checkpoint, {**record, "scale": 1.0}, "ema")
+    info = {"path": str(checkpoint.path), "state": {k: v for k, v in checkpoint.state.items() if k != "param_groups"},
+            "parameters": sum(p.numel() for p in space.autoencoder.parameters()), "has_ema": checkpoint.has_ema,
+            "autoencoder": record, "latent_shape": list(space.latent_shape), "config": to_dict(checkpoint.config)}
     print(json.dumps(info, indent=2))
     return 0
 

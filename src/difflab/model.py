@@ -22,12 +22,14 @@ class ModelSpec:
     data_range: tuple[float, float] | None        # the range D may be clipped to (pixels); None: no clipping
     conditions: list[dict] = field(default_factory=list)   # ``Condition.to_json()`` of each field
     learned_variance: bool = False
+    autoencoder: dict | None = None               # latent models: ``LatentSpace.to_json()`` (weights: frozen.autoencoder)
 
     def to_json(self) -> dict:
         return {"network": self.network, "network_options": self.network_options, "precond": self.precond,
                 "sample_shape": list(self.sample_shape),
                 "data_range": list(self.data_range) if self.data_range is not None else None,
-                "conditions": self.conditions, "learned_variance": self.learned_variance}
+                "conditions": self.conditions, "learned_variance": self.learned_variance,
+                **({"autoencoder": self.autoencoder} if self.autoencoder is not None else {})}
 
     @classmethod
     def from_json(cls, values: dict, source: str = "model") -> "ModelSpec":
@@ -35,13 +37,26 @@ class ModelSpec:
             return cls(values["network"], dict(values["network_options"]), dict(values["precond"]),
                        tuple(int(s) for s in values["sample_shape"]),
                        tuple(values["data_range"]) if values.get("data_range") is not None else None,
-                       list(values.get("conditions", [])), bool(values.get("learned_variance", False)))
+                       list(values.get("conditions", [])), bool(values.get("learned_variance", False)),
+                       dict(values["autoencoder"]) if values.get("autoencoder") is not None else None)
         except (KeyError, TypeError, ValueError) as e:
             raise DifflabError(f"{source}: invalid model description ({e!r})") from None
 
     @property
     def is_image(self) -> bool:
         return len(self.sample_shape) == 3
+
+    @property
+    def is_latent(self) -> bool:
+        return self.autoencoder is not None
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape of one output: the sample shape, or for a latent model its autoencoder's images."""
+        if self.autoencoder is None:
+            return self.sample_shape
+        options = self.autoencoder["network_options"]
+        return (int(options["in_channels"]), int(options["image_size"]), int(options["image_size"]))
 
     def condition_fields(self) -> dict[str, Condition]:
         return {c.name: c for c in map(condition_from_json, self.conditions)}

@@ -29,8 +29,10 @@ class InMemoryData:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.data.shape[1:])
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Model-ready batch: images scaled from {0..255} to [-1, 1], points as they are."""
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Model-ready batch: images scaled from {0..255} to [-1, 1], points as they are (``generator`` is for
+        data sets that draw, such as ``difflab.latent.LatentData``; it is not used here)."""
         x = self.data[indices]
         x = x.float() / 127.5 - 1.0 if self.is_image else x.float()
         y = self.labels[indices] if self.labels is not None else None

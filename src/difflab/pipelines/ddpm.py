@@ -19,6 +19,7 @@ from difflab.denoiser import Denoiser, VPPrecond
 from difflab.errors import DifflabError
 from difflab.guidance import ClassifierFreeGuidance, Thresholded, dynamic_threshold, static_threshold
 from difflab.imageio import save_grid, save_npz, save_scatter
+from difflab.latent import LatentSpace
 from difflab.model import ModelSpec, denoiser_from_spec
 from difflab.samplers import DISCRETE_SAMPLERS, SAMPLER_OPTIONS, SAMPLERS, generate, sigma_grid
 from difflab.schedules import space_timesteps
@@ -34,6 +35,7 @@ class LoadedModel:
     weights: str              # which weights were loaded: "ema" or "model"
     step: int
     path: Path
+    latent: LatentSpace | None = None    # latent models: the autoencoder that decodes their samples
 
 
 def model_spec_of(checkpoint: Checkpoint) -> ModelSpec:
@@ -52,8 +54,12 @@ def load_model(path: str | Path, weights: str = "ema", device: str = "cpu") -> L
     spec = model_spec_of(checkpoint)
     denoiser = denoiser_from_spec(spec)
     load_weights(denoiser.net, checkpoint, weights)
+    latent = None
+    if spec.is_latent:
+        latent = LatentSpace.from_checkpoint(checkpoint, spec.autoencoder, "frozen.autoencoder")
+        latent.autoencoder.to(device)
     return LoadedModel(denoiser.to(device).eval(), spec, checkpoint.config, weights,
-                       int(checkpoint.state.get("step", 0)), checkpoint.path)
+                       int(checkpoint.state.get("step", 0)), checkpoint.path, latent)
 
 
 def guidance_classifier(options: SampleConfig, device: str):
@@ -141,13 +147,27 @@ def sampling_plan(loaded: LoadedModel | Denoiser, options: SampleConfig, cond: C
 
 
 def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: Cond | None = None,
-           device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None) -> torch.Tensor:
+           device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None,
+           latent: LatentSpace | None = None) -> torch.Tensor:
     """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
-    holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec``."""
+    holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec`` (and, for a
+    latent model, its ``latent`` space). A latent model's samples are decoded to images (clipped to [-1, 1]
+    only after decoding: latents are never clipped)."""
     plan = sampling_plan(loaded, options, cond, device, spec)
     seeds = [options.seed + i for i in range(n)]
-    return generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
-                    batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
+    samples = generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
+                       batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
+    latent = loaded.latent if isinstance(loaded, LoadedModel) else latent
+    if plan.spec.is_latent:
+        if latent is None:
+            raise DifflabError("sampling a latent model needs its autoencoder (load it with load_model)")
+        return decode_latents(latent, samples, options.batch_size, device)
+    return samples
+
+
+def decode_latents(latent: LatentSpace, latents: torch.Tensor, batch_size: int, device: str = "cpu") -> torch.Tensor:
+    """Images in [-1, 1] from a latent model's samples, in batches."""
+    return torch.cat([latent.decode(chunk.to(device)).clamp(-1, 1).cpu() for chunk in latents.split(batch_size)])
 
 
 def class_condition(labels: torch.Tensor | None) -> Cond | None:
@@ -174,13 +194,13 @@ def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "sample
     return paths
 
 
-def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu"):
+def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", latent: LatentSpace | None = None):
     """For the trainer: ``preview(ema_denoiser, name)`` writes a grid (or scatter plot) of the model's samples,
     one per class for a class-conditional model, with the config's sampler, to ``out_dir/samples``."""
     def preview(denoiser: Denoiser, name: str) -> None:
         n = config.train.num_sample_images if spec.is_image else 4000
         classes = spec.num_classes()
         labels = torch.arange(n) % classes if classes else None
-        samples = sample(denoiser, n, config.sample, class_condition(labels), device, spec=spec)
+        samples = sample(denoiser, n, config.sample, class_condition(labels), device, spec=spec, latent=latent)
         save_samples(samples, Path(config.train.out_dir) / "samples", name)
     return preview

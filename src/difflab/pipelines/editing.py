@@ -8,6 +8,9 @@
   sampling with the same seeds).
 - ``inpaint``: RePaint (Lugmayr et al. 2022; ``difflab.samplers.sample_repaint``) on the model's grid: the
   known pixels (mask 1) are kept exactly, the rest is generated in harmony with them.
+
+A latent model edits in its latent space: SDEdit starts from the posterior mean of the input's encoding and
+decodes the result; inpainting is refused (the mask would have to be carried into the latent grid).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import torch
 from difflab.conditioning import Cond
 from difflab.config import SampleConfig
 from difflab.errors import DifflabError
-from difflab.pipelines.ddpm import LoadedModel, sampling_plan
+from difflab.pipelines.ddpm import LoadedModel, decode_latents, sampling_plan
 from difflab.samplers import DISCRETE_SAMPLERS, generate, sample_repaint
 
 
@@ -35,24 +38,30 @@ def image_to_image(loaded: LoadedModel, images: torch.Tensor, strength: float, o
         raise DifflabError(f"--strength {strength}: must lie in [0, 1]")
     if options.sampler in DISCRETE_SAMPLERS:
         raise DifflabError("image-to-image needs a sigma-space sampler (not ancestral; e.g. heun, ddim, dpmpp-2m)")
-    check_images(images, loaded.spec.sample_shape, "--init-image")
+    check_images(images, loaded.spec.image_shape, "--init-image")
     plan = sampling_plan(loaded, options, cond, device)
     steps = round(strength * (len(plan.grid) - 1))
     if steps == 0:
         return images.clone()
+    pixels = images
+    if loaded.latent is not None:
+        images = torch.cat([loaded.latent.posterior(chunk)[0].cpu() for chunk in pixels.split(options.batch_size)])
     grid = plan.grid[-(steps + 1):]
     kwargs = dict(plan.kwargs)
     start = None
     if steps < len(plan.grid) - 1:                   # x_s = x0 + sigma_s n; at strength 1 the prior alone
         kwargs["prior_std"], start = grid[0].item(), images
     seeds = [options.seed + i for i in range(len(images))]
-    return generate(plan.sampler, plan.model, grid, loaded.spec.sample_shape, seeds, options.batch_size,
-                    cond=cond, device=device, progress=progress, start=start, **kwargs)
+    out = generate(plan.sampler, plan.model, grid, loaded.spec.sample_shape, seeds, options.batch_size,
+                   cond=cond, device=device, progress=progress, start=start, **kwargs)
+    return decode_latents(loaded.latent, out, options.batch_size, device) if loaded.latent is not None else out
 
 
 def inpaint(loaded: LoadedModel, images: torch.Tensor, mask: torch.Tensor, options: SampleConfig,
             resample: int = 5, cond: Cond | None = None, device: str = "cpu", progress: bool = False) -> torch.Tensor:
     """RePaint of ``images`` where ``mask`` (N or 1, 1 or C, H, W; 1 = keep) is 0, on the grid of ``options``."""
+    if loaded.spec.is_latent:
+        raise DifflabError(f"--mask: inpainting a latent model ({loaded.path}) is not supported")
     check_images(images, loaded.spec.sample_shape, "--init-image")
     if options.sampler in DISCRETE_SAMPLERS:
         options = dataclasses.replace(options, sampler="ddim")

@@ -143,6 +143,8 @@ def nll_on_test_set(loaded: LoadedModel, count: int, sampling: SampleConfig, pro
     data = load_fashion_mnist(REFERENCE_SPLIT, loaded.config.data.path, loaded.config.data.image_size,
                               loaded.config.data.resize)
     count = min(count, len(data))
+    if loaded.spec.is_latent:
+        raise DifflabError(f"--nll: {loaded.path} is a latent model; its bound would be on latents, not pixels")
     if not isinstance(loaded.denoiser.precond, VPPrecond):
         raise DifflabError(f"--nll: the bound needs a model on a discrete schedule, {loaded.path} is "
                            f"{loaded.denoiser.precond.kind}")

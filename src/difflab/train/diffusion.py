@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from difflab.build import build_data, build_model
+from difflab.build import build_data, build_latent_data, build_model
 from difflab.config import Config
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
@@ -71,6 +71,10 @@ def training_objective(config: Config, denoiser: Denoiser, spec: ModelSpec, devi
         if loaded.spec.sample_shape != spec.sample_shape:
             raise DifflabError(f"distill.teacher {loaded.path} makes samples of shape {loaded.spec.sample_shape}, "
                                f"the data are {spec.sample_shape}")
+        if (loaded.spec.autoencoder or {}).get("sha256") != (spec.autoencoder or {}).get("sha256"):
+            raise DifflabError(f"distill.teacher {loaded.path} and the student must share the latent space "
+                               f"(data.autoencoder): the teacher's is "
+                               f"{(loaded.spec.autoencoder or {}).get('source', 'none (pixels)')}")
         teacher = loaded.denoiser.to(device)
     return ConsistencyObjective(denoiser, d.method, config.train.steps, teacher, d.solver, d.distance, d.levels,
                                 d.target_ema, d.rho, d.s0, d.s1, d.mu0, d.p_mean, d.p_std)
@@ -80,18 +84,21 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
                       dist: DistributedContext | None = None,
                       preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None,
                       overwrite: bool = False) -> Trainer:
-    """The loop for ``config``. ``preview(spec)``, if given, makes the callback ``(ema_denoiser, name)`` that
-    the loop calls every ``train.sample_every`` steps and at the end (the CLI writes sample grids with it)."""
+    """The loop for ``config``. ``preview(spec, latent_space)``, if given, makes the callback
+    ``(ema_denoiser, name)`` that the loop calls every ``train.sample_every`` steps and at the end (the CLI
+    writes sample grids with it). With ``data.autoencoder`` the model is trained in that autoencoder's latent
+    space and its checkpoint holds the autoencoder too (``frozen.autoencoder``)."""
     check_objective(config)
     dist = dist or distributed.single_process(config.train.device)
     torch.manual_seed(config.train.seed)                         # initial weights, the same on every rank
-    data = build_data(config.data)
-    denoiser, spec = build_model(config, data)
+    data, latent = build_latent_data(config.data) if config.data.autoencoder else (build_data(config.data), None)
+    denoiser, spec = build_model(config, data, latent)
     denoiser = denoiser.to(dist.device)
     objective = training_objective(config, denoiser, spec, dist.device)
-    callback = preview(spec) if preview is not None else None
+    callback = preview(spec, latent) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,
-                      metadata={"model": spec.to_json()}, overwrite=overwrite)
+                      metadata={"model": spec.to_json()}, overwrite=overwrite,
+                      frozen={"autoencoder": latent.autoencoder} if latent is not None else None)
     trainer.denoiser, trainer.spec = denoiser, spec
     return trainer

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from difflab.build import build_data
+from difflab.latent import encode_dataset
 from difflab.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from difflab.conditioning import Cond
 from difflab.config import Config, DistillConfig, SampleConfig
@@ -161,7 +162,9 @@ def progressive_distillation(config: Config, resume: bool = False, progress: boo
     if not distill.teacher:
         raise DifflabError("distill.teacher: progressive distillation needs the teacher's run folder or checkpoint")
     teacher_path = checkpoint_file(distill.teacher)
-    data = build_data(config.data)
+    data, latent = build_data(config.data), load_teacher(teacher_path).latent
+    if latent is not None:                       # a latent teacher: its data are its autoencoder's latents
+        data = encode_dataset(latent, data)
     results = []
     for steps in round_steps(distill):
         teacher = load_teacher(teacher_path)
@@ -180,9 +183,10 @@ def progressive_distillation(config: Config, resume: bool = False, progress: boo
         objective = ProgressiveDistillationObjective(student, teacher.denoiser, steps, distill.weighting)
         metadata = {"model": teacher.spec.to_json(),
                     "distilled": {"method": "progressive", "steps": steps, "teacher": str(teacher_path)}}
-        callback = preview(round_cfg, teacher.spec) if preview is not None else None
+        callback = preview(round_cfg, teacher.spec, latent=latent) if preview is not None else None
         trainer = Trainer(round_cfg, objective, data, resume=resume and path.exists(), progress=progress,
                           metadata=metadata, overwrite=overwrite,
+                          frozen={"autoencoder": latent.autoencoder} if latent is not None else None,
                           preview=(lambda ema_net, name, cb=callback: cb(student.with_net(ema_net), name))
                           if callback else None)
         say(f"round of {steps} steps (teacher {teacher_path}, {2 * steps} steps)"

@@ -9,6 +9,7 @@ from difflab.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights
 from difflab.config import Config
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
+from difflab.latent import LatentSpace
 from difflab.model import ModelSpec, denoiser_from_spec
 
 
@@ -18,6 +19,7 @@ class Teacher:
     spec: ModelSpec
     config: Config            # the experiment that trained it
     path: Path
+    latent: LatentSpace | None = None    # a latent model's autoencoder (from its checkpoint)
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -36,4 +38,6 @@ def load_teacher(path: str | Path) -> Teacher:
     load_weights(denoiser.net, checkpoint, "ema" if checkpoint.has_ema else "model")
     for p in denoiser.parameters():
         p.requires_grad_(False)
-    return Teacher(denoiser.eval(), spec, checkpoint.config, checkpoint.path)
+    latent = (LatentSpace.from_checkpoint(checkpoint, spec.autoencoder, "frozen.autoencoder")
+              if spec.is_latent else None)
+    return Teacher(denoiser.eval(), spec, checkpoint.config, checkpoint.path, latent)

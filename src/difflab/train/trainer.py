@@ -121,8 +121,10 @@ class Trainer:
                  progress: bool = True, dist: DistributedContext | None = None,
                  preview: Callable[[torch.nn.Module, str], None] | None = None, metadata: dict | None = None,
                  file_format: str = FORMAT, checkpoint_name: str = CHECKPOINT_NAME,
-                 resumable: set[str] = RESUMABLE_CHANGES, overwrite: bool = False):
+                 resumable: set[str] = RESUMABLE_CHANGES, overwrite: bool = False,
+                 frozen: dict[str, torch.nn.Module] | None = None):
         self.config, self.objective, self.data = config, objective, data
+        self.frozen = dict(frozen or {})             # modules saved with every checkpoint, never trained
         t = self.train_config = config.train
         self.dist = dist or distributed.single_process(t.device)
         check_step_layout(t, self.dist.world_size)
@@ -198,7 +200,7 @@ class Trainer:
             state["grad_scaler"] = self.precision.state_dict()
         train_tensors = self.objective.state_tensors() if hasattr(self.objective, "state_tensors") else {}
         saved = save_checkpoint(path, self.config, state, self.net, self.ema.model, self.optimizer, train_tensors,
-                                self.file_format, self.metadata)
+                                self.file_format, self.metadata, frozen=self.frozen)
         if self.train_config.keep_checkpoints:
             self.save_milestone(state)
         return saved
@@ -208,7 +210,8 @@ class Trainer:
         reads like a checkpoint), keeping the newest ``train.keep_checkpoints``."""
         folder = self.out_dir / "milestones"
         save_checkpoint(folder / f"step_{self.step:07d}.safetensors", self.config, {**state, "weights": "ema"},
-                        self.ema.model, file_format=self.file_format, records=self.metadata, write_config=False)
+                        self.ema.model, file_format=self.file_format, records=self.metadata, write_config=False,
+                        frozen=self.frozen)
         for old in sorted(folder.glob("step_*.safetensors"))[:-self.train_config.keep_checkpoints]:
             old.unlink()
 
@@ -236,7 +239,7 @@ class Trainer:
     def global_batch(self, step: int) -> StepBatch:
         """The whole step's examples and the objective's draws, the same on every rank (on the CPU)."""
         g = step_generator(self.train_config.seed, step)
-        x0, y = self.data.batch(self.batches.indices(step))
+        x0, y = self.data.batch(self.batches.indices(step), g)
         if getattr(self.config.data, "hflip", False) and x0.ndim == 4:
             x0 = random_hflip(x0, g)
         return self.objective.draw(x0, Cond(label=y) if y is not None else None, g, step)
