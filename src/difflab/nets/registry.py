@@ -15,6 +15,7 @@ from typing import Any, Callable
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.nets.dit import DIT_BLOCKS, DIT_PRESETS, DiT, DiTConfig, dit_sizes
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.typed import from_dict, to_dict
@@ -53,9 +54,38 @@ def fit_mlp(config: MLPConfig, shape: tuple[int, ...], out_channels: int, classe
     return dataclasses.replace(config, dim=shape[0], num_classes=classes)
 
 
+def fit_dit(config: DiTConfig, shape: tuple[int, ...], out_channels: int, classes: int | None) -> DiTConfig:
+    """The data's channels, image size and classes, and the preset's sizes written out explicitly."""
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise DifflabError(f"model.kind 'dit' needs square image data (C, H, H), got sample shape {shape}")
+    if config.patch_size < 1 or shape[1] % config.patch_size:
+        raise DifflabError(f"model.dit.patch_size {config.patch_size} must divide the image size {shape[1]} "
+                           f"(data.image_size)")
+    if config.block not in DIT_BLOCKS:
+        raise DifflabError(f"model.dit.block {config.block!r}: choose one of {', '.join(DIT_BLOCKS)}")
+    if config.size is not None and config.size not in DIT_PRESETS:
+        raise DifflabError(f"model.dit.size {config.size!r}: choose one of {', '.join(DIT_PRESETS)} (or null and "
+                           f"hidden_size, depth, num_heads)")
+    try:
+        sizes = dit_sizes(config)
+    except ValueError as error:
+        raise DifflabError(f"model.dit: {error}") from None
+    hidden, heads = sizes["hidden_size"], sizes["num_heads"]
+    if min(sizes.values()) < 1 or not config.mlp_ratio > 0:
+        raise DifflabError(f"model.dit: hidden_size, depth, num_heads and mlp_ratio must be positive, got {sizes}, "
+                           f"mlp_ratio {config.mlp_ratio}")
+    if hidden % heads:
+        raise DifflabError(f"model.dit.num_heads {heads} must divide model.dit.hidden_size {hidden}")
+    if hidden % 4:
+        raise DifflabError(f"model.dit.hidden_size {hidden} must be divisible by 4 (the 2-D sin-cos positions)")
+    return dataclasses.replace(config, **sizes, in_channels=shape[0], image_size=shape[1], out_channels=out_channels,
+                               num_classes=classes)
+
+
 NETWORKS: dict[str, NetworkEntry] = {
     "unet": NetworkEntry(UNetConfig, UNet, fit_unet),
     "mlp": NetworkEntry(MLPConfig, MLP, fit_mlp),
+    "dit": NetworkEntry(DiTConfig, DiT, fit_dit),
 }
 
 

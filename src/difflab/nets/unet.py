@@ -6,6 +6,15 @@ branch and the output layer start at zero, so an untrained network outputs zero 
 as the identity. The network knows nothing of diffusion: it maps (x, t, cond) to an image-shaped tensor, reading the class
 label from the condition record ``cond`` (a mapping of named tensors) when it is class-conditional.
 
+With ``cross_attention`` the attention resolutions (and the middle block) use Rombach et al. 2022's ("LDM",
+Sec. 3.3) ``SpatialTransformer`` instead of self-attention: the H*W positions attend to themselves and then to
+a sequence of condition tokens, ``cond["context"]`` (B, L, context_dim) with the padding mask
+``cond["context_mask"]`` (B, L, True for a real token), both optional. A class-conditional U-Net then also
+turns its label into one learned token appended to that sequence, as LDM's class-conditional models do
+(``ClassEmbedder``, a length-1 sequence): class embeddings now, text tokens later. The label's additive
+embedding (ADM's) is kept as well, so the label reaches every residual block, not only the attention
+resolutions.
+
 ``UNetEncoder`` is the down half (embedding, input conv, down stages, middle block); ``UNet`` adds the
 decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier`` an attention pool.
 """
@@ -21,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.nets.attention import TransformerBlock
+
 
 @dataclass
 class UNetConfig:
@@ -35,6 +46,9 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = None         # class-conditional when set; label num_classes is the null label
     groups: int = 32
+    cross_attention: bool = False          # SpatialTransformer (LDM) at the attention resolutions, over tokens
+    context_dim: int | None = None         # width of the tokens cond["context"]; None: 4 * model_channels
+    transformer_depth: int = 1             # transformer blocks in each SpatialTransformer
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -44,6 +58,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
+
+
+def class_labels(cond: Mapping[str, torch.Tensor] | None, num_classes: int, batch: int,
+                 device: torch.device) -> torch.Tensor:
+    """``cond["label"]`` (B,), or the null label ``num_classes`` for every row when there is none."""
+    y = cond.get("label") if cond is not None else None
+    return y if y is not None else torch.full((batch,), num_classes, dtype=torch.long, device=device)
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -97,6 +118,28 @@ class AttentionBlock(nn.Module):
         return self.proj(out).add_(x)
 
 
+class SpatialTransformer(nn.Module):
+    """Rombach et al. 2022 (LDM), Sec. 3.3, their ``SpatialTransformer``: GroupNorm, 1x1 conv in, the H*W
+    positions as tokens through ``depth`` transformer blocks (self-attention, cross-attention to the condition
+    tokens, feed-forward), 1x1 conv out, zero-initialised so that the block starts as the identity, plus x."""
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int, groups: int):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.blocks = nn.ModuleList(TransformerBlock(channels, num_heads, context_dim=context_dim)
+                                    for _ in range(depth))
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)              # (B, HW, C)
+        for block in self.blocks:
+            tokens = block(tokens, context, mask)
+        return self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w)) + x
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -116,11 +159,13 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Sequential):
-    """A sequence of blocks that all receive the embedding."""
+    """A sequence of blocks that all receive the embedding, except a ``SpatialTransformer``, which receives the
+    condition tokens and their mask instead (as LDM's ``TimestepEmbedSequential``)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         for block in self:
-            x = block(x, emb)
+            x = block(x, context, context_mask) if isinstance(block, SpatialTransformer) else block(x, emb)
         return x
 
 
@@ -130,7 +175,8 @@ class UNetEncoder(nn.Module):
     Built once, here, for both the U-Net (which adds the decoder) and the noise-aware classifier of
     ``difflab.nets.noisy_classifier`` (which adds attention pooling, ADM's ``EncoderUNetModel``).
     Subclasses inherit its modules as attributes, so the U-Net's state_dict keys are those of one class.
-    ``config.out_channels`` is not used here; ``config.num_classes`` adds a label embedding.
+    ``config.out_channels`` is not used here; ``config.num_classes`` adds a label embedding (and, with
+    ``cross_attention``, a label token).
     """
 
     def __init__(self, config: UNetConfig):
@@ -141,6 +187,9 @@ class UNetEncoder(nn.Module):
         self.emb_dim = emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+        self.context_dim = c.context_dim or emb_dim
+        self.label_token = (nn.Embedding(c.num_classes + 1, self.context_dim)
+                            if c.cross_attention and c.num_classes else None)
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
 
         # num_res_blocks stages per level, then a downsample; remember every output's channels for the skips.
@@ -159,45 +208,70 @@ class UNetEncoder(nn.Module):
         self.encoder_channels, self.encoder_resolution = level_ch, resolution
 
         self.middle = Stage(ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups),
-                            AttentionBlock(level_ch, c.num_heads, c.groups),
+                            self.attention(level_ch),
                             ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups))
 
     def stage(self, in_ch: int, out_ch: int, resolution: int) -> Stage:
-        """A residual block, followed by self-attention when ``resolution`` is one of the attention ones."""
+        """A residual block, followed by attention when ``resolution`` is one of the attention ones."""
         c = self.encoder_config
         blocks = [ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups)]
         if resolution in c.attention_resolutions:
-            blocks.append(AttentionBlock(out_ch, c.num_heads, c.groups))
+            blocks.append(self.attention(out_ch))
         return Stage(*blocks)
+
+    def attention(self, channels: int) -> nn.Module:
+        """Self-attention (ADM), or with ``cross_attention`` a SpatialTransformer over the condition tokens."""
+        c = self.encoder_config
+        if c.cross_attention:
+            return SpatialTransformer(channels, c.num_heads, self.context_dim, c.transformer_depth, c.groups)
+        return AttentionBlock(channels, c.num_heads, c.groups)
 
     def embed(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None, batch: int,
               device: torch.device) -> torch.Tensor:
         """Timestep embedding, plus the class label's when class-conditional (no label: the null label)."""
         emb = self.time_embed(timestep_embedding(t, self.encoder_config.model_channels))   # (B, 4ch)
         if self.label_embed is not None:
-            y = cond.get("label") if cond is not None else None
-            if y is None:
-                y = torch.full((batch,), self.encoder_config.num_classes, dtype=torch.long, device=device)
-            emb = emb + self.label_embed(y)
+            emb = emb + self.label_embed(class_labels(cond, self.encoder_config.num_classes, batch, device))
         return emb
 
-    def encode(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None):
+    def condition_tokens(self, cond: Mapping[str, torch.Tensor] | None, batch: int, device: torch.device
+                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(context, mask) for the SpatialTransformers: ``cond["context"]`` (B, L, context_dim) and its mask
+        ``cond["context_mask"]`` (B, L) (None: every token real), then the label token when class-conditional.
+        (None, None) without cross-attention, or with no tokens at all."""
+        if not self.encoder_config.cross_attention:
+            return None, None
+        context = cond.get("context") if cond is not None else None
+        mask = cond.get("context_mask") if cond is not None and context is not None else None
+        if self.label_token is not None:
+            token = self.label_token(class_labels(cond, self.encoder_config.num_classes, batch, device))[:, None]
+            context = token if context is None else torch.cat([context, token.to(context.dtype)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask.bool(), torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1)
+        return context, mask
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None,
+               tokens: tuple[torch.Tensor | None, torch.Tensor | None] | None = None):
         """(h, emb, skips): the middle block's output (B, C, H/2^L, W/2^L), the embedding (B, 4ch) and the
-        input conv's and every down stage's outputs (the U-Net's skip connections)."""
+        input conv's and every down stage's outputs (the U-Net's skip connections). ``tokens``: the
+        ``condition_tokens`` when the caller has them already."""
         emb = self.embed(t, cond, x.shape[0], x.device)
+        if tokens is None:
+            tokens = self.condition_tokens(cond, x.shape[0], x.device)
         h = self.input_conv(x)                                                       # (B, ch, H, W)
         skips = [h]
         for stage in self.down:
-            h = self.run_stage(stage, h, emb)
+            h = self.run_stage(stage, h, emb, tokens)
             skips.append(h)
-        return self.run_stage(self.middle, h, emb), emb, skips
+        return self.run_stage(self.middle, h, emb, tokens), emb, skips
 
-    def run_stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``stage(h, emb)``; with gradient checkpointing its activations are recomputed in the backward
+    def run_stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor,
+                  tokens: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+        """``stage(h, emb, *tokens)``; with gradient checkpointing its activations are recomputed in the backward
         pass instead of kept (Chen et al. 2016), with the same dropout masks (the RNG state is replayed)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(stage, h, emb, use_reentrant=False)
-        return stage(h, emb)
+            return checkpoint(stage, h, emb, *tokens, use_reentrant=False)
+        return stage(h, emb, *tokens)
 
 
 class UNet(UNetEncoder):
@@ -224,10 +298,12 @@ class UNet(UNetEncoder):
     @property
     def consumes(self) -> tuple[str, ...]:
         """The condition fields this network reads."""
-        return ("label",) if self.label_embed is not None else ()
+        label = ("label",) if self.label_embed is not None else ()
+        return label + (("context", "context_mask") if self.config.cross_attention else ())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        h, emb, skips = self.encode(x, t, cond)                                        # (B, C, H/2^L, W/2^L)
+        tokens = self.condition_tokens(cond, x.shape[0], x.device)      # (B, L, context_dim), (B, L) or None
+        h, emb, skips = self.encode(x, t, cond, tokens)                                # (B, C, H/2^L, W/2^L)
         for stage in self.up:
-            h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb, tokens)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)
