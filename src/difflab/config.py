@@ -93,7 +93,10 @@ class TrainConfig:
     ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
     ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
     label_dropout: float = 0.1               # conditional models: probability of the null label (CFG)
-    loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3)
+    loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3) | sliced
+    #                                          (sliced score matching, Song et al. 2019, NCSN-weighted)
+    sliced_projections: int = 1              # sliced: random projections v per example (M of Song et al. 2019)
+    sliced_distribution: str = "rademacher"  # sliced: v's distribution, rademacher | gaussian
     vlb_weight: float = 0.001                # lambda of L_hybrid = L_simple + lambda L_vlb
     min_snr_gamma: float | None = None       # Min-SNR-gamma loss weighting of L_simple (Hang et al. 2023); None: off
     timestep_sampling: str = "uniform"       # uniform | importance (p_t ~ sqrt(E[L_t^2]), for loss: vlb)
@@ -244,6 +247,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.ema_rampup_ratio": (_positive, "positive (or null: no ramp-up)"),
     "train.label_dropout": (_probability, "a probability in [0, 1]"),
     "train.vlb_weight": (_non_negative, "at least 0"),
+    "train.sliced_projections": (_at_least_one, "at least 1"),
+    "train.sliced_distribution": (lambda v: v in ("rademacher", "gaussian"), "rademacher or gaussian"),
     "train.log_every": (_at_least_one, "at least 1"),
     "train.sample_every": (_at_least_one, "at least 1"),
     "train.checkpoint_every": (_at_least_one, "at least 1"),

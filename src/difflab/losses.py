@@ -12,6 +12,11 @@ Eq. 8). ``t`` is the integer timestep of sigma on a VP model's discrete schedule
   the trainer weights each example by 1 / (T p_t)). VP models only.
 - ``hybrid``: L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 (Nichol & Dhariwal 2021, Eq. 16), where
   the L_vlb term sees the mean through a stop-gradient, so it trains only the variance (Sec. 3.1).
+- ``sliced``: sliced score matching (Song, Garg, Shi & Ermon 2019, "Sliced Score Matching: A Scalable Approach
+  to Density and Score Estimation") of the model's score s = (D - x) / sigma^2 on the noised samples x, in
+  NCSN's annealed form (Song & Ermon 2019, Eq. 6, lambda(sigma) = sigma^2): the score of p_sigma is learned
+  from the samples x alone, never from the noise that made them (denoising score matching's target). It also
+  takes each example's random projections v, which the objective draws (``train.objectives``).
 
 ``simple`` and ``hybrid`` take an optional Min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion
 Training via Min-SNR Weighting Strategy", Sec. 3.4): the loss on F is ||D - x0||^2 / c_out^2, so weighting it by
@@ -28,13 +33,15 @@ import functools
 import math
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab import diffusion
 from difflab.conditioning import Cond
 from difflab.denoiser import Denoiser, VPPrecond, per_example, split_output
 from difflab.errors import DifflabError
 
-LOSSES = ("simple", "hybrid", "vlb")
+LOSSES = ("simple", "hybrid", "vlb", "sliced")
+PROJECTIONS = ("rademacher", "gaussian")     # the distributions of the sliced loss's projections v
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +117,82 @@ def hybrid_loss(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma
     return simple + vlb_weight * vlb
 
 
+# -- sliced score matching ------------------------------------------------------------------------------------
+def denoiser_score(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: Cond | None = None
+                   ) -> torch.Tensor:
+    """The model's score of p_sigma at VE-scaled x, Tweedie's formula s = (D(x; sigma) - x) / sigma^2 (Karras
+    et al. 2022, Eq. 3; ``samplers.langevin.score``), written ((c_skip - 1) x + c_out F) / sigma^2 so that x
+    cancels exactly where c_skip = 1: an eps network's score is -F / sigma (a VP model's input scaling c_in is
+    inside F's argument, so the gradient is with respect to the VE-scaled x)."""
+    c_skip, c_out, _, _ = denoiser.precond.scalings(sigma)
+    mean, _ = split_output(full_precision(denoiser.network_output(x, sigma, cond)), denoiser.learned_variance)
+    return per_example((c_skip - 1) / sigma ** 2, x) * x + per_example(c_out / sigma ** 2, mean) * mean
+
+
+def projection_vectors(shape: tuple[int, ...], distribution: str, generator: torch.Generator | None = None
+                       ) -> torch.Tensor:
+    """Random projections with E[v v^T] = I (Song et al. 2019, Sec. 3): Rademacher entries (+1 or -1, equally
+    likely) or standard normal ones."""
+    if distribution == "rademacher":
+        return torch.randint(0, 2, shape, generator=generator).float().mul_(2).sub_(1)
+    if distribution == "gaussian":
+        return torch.randn(shape, generator=generator)
+    raise ValueError(f"unknown projection distribution {distribution!r}; choose one of {PROJECTIONS}")
+
+
+def sliced_score_matching(score_fn, x: torch.Tensor, projections: torch.Tensor,
+                          variance_reduced: bool = True) -> torch.Tensor:
+    """Each example's sliced score matching objective, averaged over its M projections v (``projections``
+    (B, M, ...), batch first): Song et al. 2019, Eq. 8,
+
+        v^T (ds/dx) v + 1/2 (v^T s)^2,
+
+    or with ``variance_reduced`` (SSM-VR, Eqs. 9-10) the second term in closed form, E_v[(v^T s)^2] = ||s||^2:
+
+        v^T (ds/dx) v + 1/2 ||s||^2.
+
+    Over v both have the expectation tr(ds/dx) + 1/2 ||s||^2, Hyvarinen's (2005) score matching objective,
+    whose expectation over the data is 1/2 E||s - grad log p||^2 less a constant. v^T (ds/dx) v is v dotted
+    with the vector-Jacobian product grad_x (v . s), one backward pass with ``create_graph`` so that the loss
+    is differentiable in the parameters; attention inside ``score_fn`` runs on PyTorch's math kernel, since
+    the fused ones (flash, memory-efficient) have no second derivative. ``score_fn`` (N, ...) -> (N, ...) is
+    called once, on the M copies of every example stacked in the batch (B M, ...), example-major
+    (``repeat_interleave``), as the projections."""
+    batch, m = projections.shape[:2]
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        copies = x.detach().repeat_interleave(m, dim=0).requires_grad_(True)     # (B M, ...)
+        v = projections.reshape(copies.shape).to(copies.device, copies.dtype)
+        s = score_fn(copies)
+        (vjp,) = torch.autograd.grad((v * s).sum(), copies, create_graph=True)  # v^T ds/dx, (B M, ...)
+    trace = (v * vjp).flatten(1).sum(1)                                        # v^T (ds/dx) v
+    square = s.flatten(1).square().sum(1) if variance_reduced else (v * s).flatten(1).sum(1).square()
+    return (trace + square / 2).reshape(batch, m).mean(1)                       # (B,)
+
+
+def sliced_loss(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+                cond: Cond | None = None, t: torch.Tensor | None = None,
+                projections: torch.Tensor | None = None) -> torch.Tensor:
+    """NCSN's annealed objective (Song & Ermon 2019, Eq. 6) with SSM-VR in place of denoising score matching,
+    at x = x0 + sigma * noise (``noise`` only makes the sample): lambda(sigma) = sigma^2 times SSM-VR of the
+    model's score, doubled and per dimension, sigma^2 (2 v^T (ds/dx) v + ||s||^2) / d.
+
+    In expectation this is sigma^2 E||s - grad log p_sigma||^2 / d less a constant; for an eps network (s = -F /
+    sigma) it is exactly L_simple - 1 in expectation (E||noise||^2 / d = 1): DSM's scale and, in expectation,
+    its gradient. ``projections`` (B, M, ...): the objective's draws of ``projection_vectors``."""
+    if projections is None:
+        raise ValueError("the sliced loss needs each example's projections (B, M, ...)")
+    m = projections.shape[1]
+    x = x0 + per_example(sigma, x0) * noise
+    copies_sigma = sigma.repeat_interleave(m)
+    copies_cond = cond.map(lambda value: value.repeat_interleave(m, dim=0)) if cond is not None else None
+    ssm = sliced_score_matching(lambda copies: denoiser_score(denoiser, copies, copies_sigma, copies_cond),
+                                x, projections)
+    return 2 * (sigma ** 2).to(ssm) * ssm / x0[0].numel()
+
+
 def build_loss(name: str, vlb_weight: float = 0.001, min_snr_gamma: float | None = None):
     """The loss function ``name`` (one of ``LOSSES``) with its options bound."""
-    if min_snr_gamma is not None and (name == "vlb" or min_snr_gamma <= 0):
+    if min_snr_gamma is not None and (name not in ("simple", "hybrid") or min_snr_gamma <= 0):
         raise ValueError(f"min_snr_gamma {min_snr_gamma} needs a positive gamma and loss 'simple' or 'hybrid'")
     if name == "simple":
         return functools.partial(simple_loss, min_snr_gamma=min_snr_gamma)
@@ -120,6 +200,8 @@ def build_loss(name: str, vlb_weight: float = 0.001, min_snr_gamma: float | None
         return vlb_loss
     if name == "hybrid":
         return functools.partial(hybrid_loss, vlb_weight=vlb_weight, min_snr_gamma=min_snr_gamma)
+    if name == "sliced":
+        return sliced_loss
     raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
 
 

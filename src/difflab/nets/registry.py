@@ -37,7 +37,14 @@ def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, clas
     if shape[1] % 2 ** (levels - 1):
         raise DifflabError(f"model.unet: image size {shape[1]} must be divisible by 2^{levels - 1} = "
                            f"{2 ** (levels - 1)} for {levels} levels of channel_mult (data.image_size)")
-    if config.num_heads < 1 or any(mult * config.model_channels % config.num_heads for mult in config.channel_mult):
+    if config.num_head_channels is not None:
+        # the widths with attention: the levels at attention_resolutions, and the middle block (the last level)
+        widths = sorted({mult * config.model_channels for level, mult in enumerate(config.channel_mult)
+                         if shape[1] // 2 ** level in config.attention_resolutions or level == levels - 1})
+        if config.num_head_channels < 1 or any(width % config.num_head_channels for width in widths):
+            raise DifflabError(f"model.unet.num_head_channels {config.num_head_channels} must divide the channels "
+                               f"of every attention level, {widths}")
+    elif config.num_heads < 1 or any(mult * config.model_channels % config.num_heads for mult in config.channel_mult):
         raise DifflabError(f"model.unet.num_heads {config.num_heads} must divide every level's channels")
     return dataclasses.replace(config, in_channels=shape[0], image_size=shape[1], out_channels=out_channels,
                                num_classes=classes)

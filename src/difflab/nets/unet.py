@@ -15,6 +15,19 @@ turns its label into one learned token appended to that sequence, as LDM's class
 embedding (ADM's) is kept as well, so the label reaches every residual block, not only the attention
 resolutions.
 
+Three switches of ADM's architecture study (Dhariwal & Nichol 2021, Sec. 3 and Table 1), each off by default so
+that the default network is unchanged:
+
+- ``resblock_updown``: BigGAN's residual blocks for up- and downsampling (Brock et al. 2019; ADM's ``ResBlock``
+  with ``up``/``down``): between levels a residual block replaces the strided / upsampling convolution, and
+  resamples both its branch (after the first GroupNorm-SiLU, before the first conv) and its skip, by 2x2 average
+  pooling or nearest-neighbour upsampling.
+- ``rescale_residual``: every residual block returns (skip + h) / sqrt(2), as BigGAN and NCSN++
+  (``skip_rescale``, Song et al. 2021) do, so that it starts as skip / sqrt(2) rather than the identity; ADM
+  tried it and did not keep it. (Attention blocks are not rescaled.)
+- ``num_head_channels``: a fixed width per attention head, heads = channels / num_head_channels at each
+  attention layer, instead of a fixed ``num_heads`` (ADM: 64 channels per head).
+
 ``UNetEncoder`` is the down half (embedding, input conv, down stages, middle block); ``UNet`` adds the
 decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier`` an attention pool.
 """
@@ -49,6 +62,10 @@ class UNetConfig:
     cross_attention: bool = False          # SpatialTransformer (LDM) at the attention resolutions, over tokens
     context_dim: int | None = None         # width of the tokens cond["context"]; None: 4 * model_channels
     transformer_depth: int = 1             # transformer blocks in each SpatialTransformer
+    # Dhariwal & Nichol 2021, Sec. 3 and Table 1; the value after "ADM:" is their final architecture's.
+    resblock_updown: bool = False          # residual blocks do the up/downsampling (BigGAN). ADM: True
+    rescale_residual: bool = False         # residual blocks return (skip + h) / sqrt(2). ADM: False (did not help)
+    num_head_channels: int | None = None   # channels per attention head, overriding num_heads. ADM: 64
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -67,6 +84,10 @@ def class_labels(cond: Mapping[str, torch.Tensor] | None, num_classes: int, batc
     return y if y is not None else torch.full((batch,), num_classes, dtype=torch.long, device=device)
 
 
+# BigGAN / NCSN++ residual rescaling: (skip + h) / sqrt(2) keeps the sum's variance that of one branch.
+RESIDUAL_RESCALE = 1 / math.sqrt(2)
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -77,11 +98,36 @@ def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(groups, channels), channels)
 
 
-class ResBlock(nn.Module):
-    """GN-SiLU-conv, then adaptive GN (scale-shift from the embedding)-SiLU-dropout-conv(zero), plus skip."""
+class Resample(nn.Module):
+    """The resampling inside a BigGAN residual block (ADM's ``Upsample`` / ``Downsample`` without a conv):
+    nearest-neighbour 2x upsampling, or 2x2 average pooling."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    def __init__(self, direction: str):
         super().__init__()
+        if direction not in ("up", "down"):
+            raise ValueError(f"resample direction {direction!r}: choose up or down")
+        self.direction = direction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direction == "up":
+            return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+
+    def extra_repr(self) -> str:
+        return self.direction
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, then adaptive GN (scale-shift from the embedding)-SiLU-dropout-conv(zero), plus skip.
+
+    ``resample`` ("up" or "down"): a BigGAN block (ADM's ``ResBlock(up=True / down=True)``) that resamples h
+    after the first GN-SiLU and the skip input alike. ``rescale``: the output is (skip + h) / sqrt(2)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int,
+                 resample: str | None = None, rescale: bool = False):
+        super().__init__()
+        self.resample = Resample(resample) if resample is not None else None
+        self.rescale = rescale
         self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
@@ -92,11 +138,15 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # SiLU in place on the norm's fresh output: group-norm backward needs only its input.
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))           # (B, out, H, W)
+        h = F.silu(self.norm1(x), inplace=True)                       # (B, in, H, W)
+        if self.resample is not None:
+            h, x = self.resample(h), self.resample(x)                 # (B, in, 2H, 2W) or (B, in, H/2, W/2)
+        h = self.conv1(h)                                             # (B, out, H', W')
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)            # adaptive group norm
         h = self.conv2(self.dropout(F.silu(h, inplace=True)))
-        return h.add_(self.skip(x))                                   # in place: conv backward needs no output
+        h = h.add_(self.skip(x))                                      # in place: conv backward needs no output
+        return h.mul_(RESIDUAL_RESCALE) if self.rescale else h
 
 
 class AttentionBlock(nn.Module):
@@ -202,29 +252,54 @@ class UNetEncoder(nn.Module):
                 level_ch = mult * ch
                 self.skip_channels.append(level_ch)
             if level != len(c.channel_mult) - 1:
-                self.down.append(Stage(Downsample(level_ch)))
+                self.down.append(Stage(self.downsample(level_ch)))
                 self.skip_channels.append(level_ch)
                 resolution //= 2
         self.encoder_channels, self.encoder_resolution = level_ch, resolution
 
-        self.middle = Stage(ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups),
-                            self.attention(level_ch),
-                            ResBlock(level_ch, level_ch, emb_dim, c.dropout, c.groups))
+        self.middle = Stage(self.res_block(level_ch, level_ch), self.attention(level_ch),
+                            self.res_block(level_ch, level_ch))
+
+    def res_block(self, in_ch: int, out_ch: int, resample: str | None = None) -> ResBlock:
+        """A residual block with the config's dropout, groups and ``rescale_residual``."""
+        c = self.encoder_config
+        return ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups, resample, c.rescale_residual)
+
+    def downsample(self, channels: int) -> nn.Module:
+        """Between levels: a stride-2 conv, or with ``resblock_updown`` a downsampling residual block (BigGAN)."""
+        if self.encoder_config.resblock_updown:
+            return self.res_block(channels, channels, "down")
+        return Downsample(channels)
+
+    def upsample(self, channels: int) -> nn.Module:
+        """Between levels: nearest 2x and a conv, or with ``resblock_updown`` an upsampling residual block."""
+        if self.encoder_config.resblock_updown:
+            return self.res_block(channels, channels, "up")
+        return Upsample(channels)
 
     def stage(self, in_ch: int, out_ch: int, resolution: int) -> Stage:
         """A residual block, followed by attention when ``resolution`` is one of the attention ones."""
-        c = self.encoder_config
-        blocks = [ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups)]
-        if resolution in c.attention_resolutions:
+        blocks = [self.res_block(in_ch, out_ch)]
+        if resolution in self.encoder_config.attention_resolutions:
             blocks.append(self.attention(out_ch))
         return Stage(*blocks)
+
+    def heads(self, channels: int) -> int:
+        """Attention heads at width ``channels``: channels / num_head_channels when that is set (ADM), else
+        num_heads."""
+        c = self.encoder_config
+        if c.num_head_channels is None:
+            return c.num_heads
+        if channels % c.num_head_channels:
+            raise ValueError(f"num_head_channels {c.num_head_channels} does not divide attention width {channels}")
+        return channels // c.num_head_channels
 
     def attention(self, channels: int) -> nn.Module:
         """Self-attention (ADM), or with ``cross_attention`` a SpatialTransformer over the condition tokens."""
         c = self.encoder_config
         if c.cross_attention:
-            return SpatialTransformer(channels, c.num_heads, self.context_dim, c.transformer_depth, c.groups)
-        return AttentionBlock(channels, c.num_heads, c.groups)
+            return SpatialTransformer(channels, self.heads(channels), self.context_dim, c.transformer_depth, c.groups)
+        return AttentionBlock(channels, self.heads(channels), c.groups)
 
     def embed(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None, batch: int,
               device: torch.device) -> torch.Tensor:
@@ -288,7 +363,7 @@ class UNet(UNetEncoder):
                 blocks = self.stage(level_ch + skip_channels.pop(), mult * ch, resolution)
                 level_ch = mult * ch
                 if level != 0 and i == c.num_res_blocks:
-                    blocks.append(Upsample(level_ch))
+                    blocks.append(self.upsample(level_ch))
                     resolution *= 2
                 self.up.append(blocks)
 

@@ -25,14 +25,15 @@ from difflab.train import distributed
 from difflab.train.distributed import DistributedContext
 from difflab.train.consistency import METHODS as CONSISTENCY_METHODS
 from difflab.train.consistency import ConsistencyObjective
-from difflab.train.objectives import DiffusionObjective, diffusion_levels
+from difflab.train.objectives import DiffusionObjective, SlicedScoreObjective, diffusion_levels
 from difflab.train.teacher import load_teacher
 from difflab.train.timesteps import TIMESTEP_SAMPLERS
 from difflab.train.trainer import Trainer
 
 
 def check_objective(config: Config) -> None:
-    """The loss and timestep sampler exist, and L_hybrid has a variance to train."""
+    """The loss and timestep sampler exist, L_hybrid has a variance to train, and the sliced loss's double
+    backward pass is one the network can run."""
     t = config.train
     if t.loss not in LOSSES:
         raise DifflabError(f"unknown train.loss {t.loss!r}; choose one of {LOSSES}")
@@ -43,15 +44,21 @@ def check_objective(config: Config) -> None:
         raise DifflabError("train.loss 'hybrid' trains the reverse variance: set diffusion.learn_variance: true")
     if t.gradient_checkpointing and config.model.kind != "unet":
         raise DifflabError(f"train.gradient_checkpointing needs model.kind 'unet', not {config.model.kind!r}")
-    if t.min_snr_gamma is not None and (t.loss == "vlb" or t.min_snr_gamma <= 0):
+    if t.min_snr_gamma is not None and (t.loss not in ("simple", "hybrid") or t.min_snr_gamma <= 0):
         raise DifflabError(f"train.min_snr_gamma {t.min_snr_gamma} weights L_simple: it needs a positive value "
                            f"and train.loss 'simple' or 'hybrid', not {t.loss!r}")
+    if t.loss == "sliced" and (t.compile or t.gradient_checkpointing):
+        raise DifflabError("train.loss 'sliced' differentiates the network's output with respect to its input inside "
+                           "the loss (a double backward pass), which neither torch.compile nor gradient checkpointing "
+                           "supports: set train.compile and train.gradient_checkpointing to false")
 
 
 def diffusion_objective(config: Config, denoiser: Denoiser) -> DiffusionObjective:
     t = config.train
     check_loss(t.loss, denoiser)
     levels = diffusion_levels(denoiser, t.timestep_sampling, config.diffusion.p_mean, config.diffusion.p_std)
+    if t.loss == "sliced":
+        return SlicedScoreObjective(denoiser, levels, t.sliced_projections, t.sliced_distribution)
     return DiffusionObjective(denoiser, build_loss(t.loss, t.vlb_weight, t.min_snr_gamma), levels)
 
 

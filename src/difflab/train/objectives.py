@@ -9,6 +9,8 @@ importance sampler's history) is in ``state_tensors``.
 - ``DiffusionObjective``: a denoiser's loss (``difflab.losses``) at sampled noise levels: uniform or
   importance-sampled timesteps of a VP schedule, or EDM's log-normal sigmas; condition dropout as each
   condition field describes it (Ho & Salimans 2021).
+- ``SlicedScoreObjective``: the same noise levels, noise and dropout, plus each example's random projections
+  for sliced score matching (``losses.sliced_loss``; Song et al. 2019), drawn from the step's generator too.
 - ``NoisyClassifierObjective``: cross-entropy of a noise-aware classifier p(y | x_t, t) on x_t ~ q(x_t | x_0)
   with uniform t on the schedule of the model it will guide (Dhariwal & Nichol 2021, Sec. 4.1).
 """
@@ -24,6 +26,7 @@ from torch import nn
 from difflab import diffusion
 from difflab.conditioning import Cond, drop_conditions
 from difflab.denoiser import Denoiser, VPPrecond
+from difflab.losses import PROJECTIONS, projection_vectors, sliced_loss
 from difflab.schedules import NoiseSchedule
 from difflab.train.batches import StepBatch
 from difflab.train.timesteps import LogNormalSigmas, UniformTimesteps
@@ -57,10 +60,14 @@ class DiffusionObjective:
         cond = dropped_conditions(cond, self.denoiser, generator)
         return StepBatch({"x0": x0, "noise": noise, "sigma": sigma, "t": t, "weights": weights}, cond)
 
-    def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
+    def training_denoiser(self, forward: nn.Module) -> Denoiser:
+        """The denoiser around the loop's forward module (made once, again only when that module changes)."""
         if self._training.net is not forward:
             self._training = self.denoiser.with_net(forward)
-        return self.loss_fn(self._training, batch.x0, batch.noise, batch.sigma, batch.cond, batch.t)
+        return self._training
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
+        return self.loss_fn(self.training_denoiser(forward), batch.x0, batch.noise, batch.sigma, batch.cond, batch.t)
 
     def observe(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """The examples' unweighted losses at their timesteps (the importance sampler's history)."""
@@ -75,6 +82,29 @@ class DiffusionObjective:
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if isinstance(self.levels, UniformTimesteps):
             self.levels.load_state_tensors({k.removeprefix("timesteps."): v for k, v in tensors.items()})
+
+
+class SlicedScoreObjective(DiffusionObjective):
+    """``losses.sliced_loss`` at the noise levels of ``levels``, with ``projections`` random vectors per example
+    from ``distribution`` (rademacher | gaussian), drawn after the noise and dropout (batch first: (B, M, ...))."""
+
+    def __init__(self, denoiser: Denoiser, levels: UniformTimesteps | LogNormalSigmas, projections: int = 1,
+                 distribution: str = "rademacher"):
+        if distribution not in PROJECTIONS or projections < 1:
+            raise ValueError(f"sliced score matching needs projections >= 1 from one of {PROJECTIONS}, got "
+                             f"{projections} from {distribution!r}")
+        super().__init__(denoiser, sliced_loss, levels)
+        self.projections, self.distribution = projections, distribution
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
+        batch = super().draw(x0, cond, generator, step)
+        shape = (x0.shape[0], self.projections, *x0.shape[1:])
+        return StepBatch({**batch.tensors, "projections": projection_vectors(shape, self.distribution, generator)},
+                         batch.cond)
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> torch.Tensor:
+        return self.loss_fn(self.training_denoiser(forward), batch.x0, batch.noise, batch.sigma, batch.cond, batch.t,
+                            batch.projections)
 
 
 def dropped_conditions(cond: Cond | None, denoiser: Denoiser, generator: torch.Generator) -> Cond | None:
