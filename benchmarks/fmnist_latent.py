@@ -100,18 +100,16 @@ def reconstruction_report(args: argparse.Namespace) -> dict:
         return json.loads(path.read_text())
     space = load_latent_space(args.runs / "autoencoder")
     test = build_data(load_config(REPO / "configs/fmnist_autoencoder.yaml").data, split="test")
-    images, seconds = [], 0.0
+    images = []
     for first in range(0, len(test), 500):
         x, _ = test.batch(torch.arange(first, min(first + 500, len(test))))
-        start = time.perf_counter()
         images.append(space.decode(space.posterior(x)[0]).clamp(-1, 1))
-        seconds += time.perf_counter() - start
     reconstructed = torch.cat(images)
     originals, _ = test.batch(torch.arange(len(test)))
     report = score_images(cropped(to_uint8_images(reconstructed)), None, EvalOptions(n=len(test), progress=True))
     result = {"test_images": len(test), "mse": (reconstructed - originals).pow(2).mean().item(),
               "mae": (reconstructed - originals).abs().mean().item(), "reconstruction_fid": report["metrics"]["fid"],
-              "seconds_per_1000": 1000 * seconds / len(test), "latent_scale": space.scale,
+              "latent_scale": space.scale,
               "latent_shape": list(space.latent_shape), "command": command_line()}
     path.write_text(json.dumps(result, indent=1))
     return result
@@ -143,36 +141,40 @@ def sampler_of(name: str, args: argparse.Namespace, batch: int):
     return draw, options
 
 
+def samples_scored(name: str, args: argparse.Namespace) -> int:
+    """--n, else 10,000 for the main table and 2,000 for the DiT study."""
+    return args.n if args.n is not None else (10000 if name in MAIN else 2000)
+
+
 def run_sample(args: argparse.Namespace) -> None:
-    out = args.runs / args.model
+    out, n = args.runs / args.model, samples_scored(args.model, args)
     options = experiment(args.model, args).sample
     name = f"{options.sampler}, {options.steps} steps, {options.spacing} grid"
     images, seconds = draw_samples(lambda: sampler_of(args.model, args, args.batch)[0], out / "samples_scored",
-                                   args.n, args.batch, name)
-    report = score_images(images, None, EvalOptions(n=args.n, progress=True))
-    result = {"model": args.model, "n": args.n, "sampler": name, "sampling_seconds": seconds,
+                                   n, args.batch, name)
+    report = score_images(images, None, EvalOptions(n=n, progress=True))
+    result = {"model": args.model, "n": n, "sampler": name, "sampling_seconds": seconds,
               "train": difflab_info(out), "command": command_line(),
               "metrics": {k: report["metrics"][k] for k in ("fid", "kid", "precision", "recall")}}
-    (out / f"eval_n{args.n}.json").write_text(json.dumps(result, indent=1))
+    (out / f"eval_n{n}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result["metrics"]), file=sys.stderr)
 
 
 # -- compute and speed ---------------------------------------------------------------------------------------
 def gflops(name: str, args: argparse.Namespace) -> dict:
-    """Forward GFLOP per image of the network (one evaluation) and, for a latent model, of its decoder."""
+    """Forward GFLOP per image of the network (one evaluation, 2 per multiply-add) and, for a latent model, of
+    its decoder (once per sample)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from difflab.nets.flops import network_gflops
     from difflab.pipelines.ddpm import load_model
 
     loaded = load_model(args.runs / name)
-    x = torch.zeros(1, *loaded.spec.sample_shape)
-    with FlopCounterMode(display=False) as counter:
-        loaded.denoiser(x, torch.ones(1))
-    result = {"network": counter.get_total_flops() / 1e9,
+    result = {"network": network_gflops(loaded.denoiser.net, loaded.spec.sample_shape),
               "parameters_m": sum(p.numel() for p in loaded.denoiser.net.parameters()) / 1e6}
     if loaded.latent is not None:
         with FlopCounterMode(display=False) as counter:
-            loaded.latent.decode(x)
+            loaded.latent.decode(torch.zeros(1, *loaded.spec.sample_shape))
         result["decoder"] = counter.get_total_flops() / 1e9
     return result
 
@@ -182,7 +184,8 @@ def run_time(args: argparse.Namespace) -> None:
     from difflab.train.diffusion import diffusion_trainer
 
     torch.set_num_threads(args.threads)
-    results = {}
+    path = args.runs / "timing.json"
+    results = json.loads(path.read_text())["results"] if path.exists() else {}     # other models' timings kept
     for name in args.models or [m for m in MODELS if (args.runs / m / "checkpoint.safetensors").exists()]:
         config = experiment(name, args)
         config = dataclasses.replace(config, train=dataclasses.replace(
@@ -202,9 +205,10 @@ def run_time(args: argparse.Namespace) -> None:
         for first in range(0, args.time_samples, args.batch):
             draw(first, args.batch)
         seconds = (time.perf_counter() - start) / args.time_samples * 1000
-        results[name] = {"train_images_per_s": train_ips, "sampling_s_per_1000": seconds, **gflops(name, args)}
+        results[name] = {"train_images_per_s": train_ips, "sampling_s_per_1000": seconds,
+                         "sampling_images_timed": args.time_samples, **gflops(name, args)}
         print(name, json.dumps(results[name]), file=sys.stderr)
-    (args.runs / "timing.json").write_text(json.dumps({"results": results, "threads": args.threads,
+    path.write_text(json.dumps({"results": results, "threads": args.threads,
                                                        "command": command_line(), "machine": machine_info()},
                                                       indent=1))
 
@@ -212,8 +216,8 @@ def run_time(args: argparse.Namespace) -> None:
 def run_report(args: argparse.Namespace) -> None:
     timing = json.loads((args.runs / "timing.json").read_text())["results"]
     ae = reconstruction_report(args)
-    evals = {m: json.loads((args.runs / m / f"eval_n{args.n}.json").read_text()) for m in MODELS
-             if (args.runs / m / f"eval_n{args.n}.json").exists()}
+    evals = {m: json.loads((args.runs / m / f"eval_n{samples_scored(m, args)}.json").read_text()) for m in MODELS
+             if (args.runs / m / f"eval_n{samples_scored(m, args)}.json").exists()}
     pixel = evals.get("pixel_unet")
 
     def row(name: str) -> list:
@@ -225,17 +229,17 @@ def run_report(args: argparse.Namespace) -> None:
             p = timing["pixel_unet"]
             ratios = [f"{t['train_images_per_s'] / p['train_images_per_s']:.2f}",
                       f"{p['sampling_s_per_1000'] / t['sampling_s_per_1000']:.2f}",
-                      f"{e['metrics']['fid'] / pixel['metrics']['fid']:.2f}"]
+                      f"{e['metrics']['fid'] / pixel['metrics']['fid']:.2f}" if e["n"] == pixel["n"] else "-"]
         return [name, f"{t.get('parameters_m', float('nan')):.2f}M", f"{flops:.3f}", e["train"]["steps"],
-                f"{e['train']['images'] / 1000:.0f}k", *speed, f"{e['metrics']['fid']:.2f}",
+                f"{e['train']['images'] / 1000:.0f}k", *speed, e["n"], f"{e['metrics']['fid']:.2f}",
                 f"{e['metrics']['precision']:.2f}", f"{e['metrics']['recall']:.2f}", *ratios]
 
     header = ["model", "parameters", "GFLOP/eval", "steps", "images seen", "train images/s", "sampling s/1000",
-              "FID", "precision", "recall", "train speed / pixel", "sampling speed / pixel", "FID / pixel"]
+              "samples", "FID", "precision", "recall", "train speed / pixel", "sampling speed / pixel", "FID / pixel"]
     main_rows = [row(m) for m in MAIN if m in evals]
     study_rows = [row(m) for m in MODELS if m.startswith("dit_") and m in evals]
-    markdown = (f"# Latent diffusion and DiT on Fashion-MNIST\n\n`{command_line()}`; {args.n} samples per model "
-                f"at the pixel preset's sampler (Heun 10 steps, 19 NFE), scored against the test set. Main models: "
+    markdown = (f"# Latent diffusion and DiT on Fashion-MNIST\n\n`{command_line()}`; 10,000 samples per main "
+                f"model (2,000 per DiT-study model, whose FIDs are therefore higher) at the pixel preset's sampler (Heun 10 steps, 19 NFE), scored against the test set. Main models: "
                 f"30 minutes of one CPU thread each; DiT study: 10 minutes each (pixel space, 28x28). Speeds from "
                 f"the `time` phase, each model alone on one thread; GFLOP per network evaluation (a latent "
                 f"model's decoder adds {timing.get('latent_unet', {}).get('decoder', float('nan')):.3f} GFLOP once "
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--runs", type=Path, default=REPO / "runs/latent")
         p.add_argument("--minutes", type=float, default=None, help="training budget (30 main, 10 DiT study)")
         p.add_argument("--threads", type=int, default=1)
-        p.add_argument("--n", type=int, default=10000)
+        p.add_argument("--n", type=int, default=None, help="samples scored (10,000 main table, 2,000 DiT study)")
         p.add_argument("--batch", type=int, default=100)
         p.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)

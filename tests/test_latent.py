@@ -126,6 +126,16 @@ def test_train_autoencoder_then_latent_diffusion_from_the_command_line(tmp_path,
     images = sample(loaded, 3, SampleConfig(sampler="heun", steps=3))
     assert images.shape == (3, 1, 16, 16) and images.abs().max() <= 1
     assert main(["sample", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    # progressive distillation of the latent model: the students keep its autoencoder
+    distilled = tmp_path / "pd"
+    assert main(["train", "configs/fmnist_progressive.yaml", "--set", f"distill.teacher={out}", "--set",
+                 "distill.start_steps=2", "--set", "distill.minutes_per_round=null", "--set", "train.steps=2",
+                 "--set", "train.batch_size=8", "--set", "train.precision=fp32", "--set",
+                 f"train.out_dir={distilled}", *common]) == 0
+    student = load_model(distilled / "steps_0001")
+    assert student.latent is not None and student.latent.scale == loaded.latent.scale
+    assert sample(student, 2, SampleConfig(sampler="ddim", steps=1, spacing="trailing")).shape == (2, 1, 16, 16)
+
     capsys.readouterr()
     assert main([*train, "--set", f"train.out_dir={tmp_path / 'x'}", "--set", "train.steps=1"]) == 2
     assert "data.autoencoder" in capsys.readouterr().err
