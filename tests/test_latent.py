@@ -165,3 +165,35 @@ def test_latent_sampling_never_clips(tmp_path, grey_folder, monkeypatch):
         decoded.clear()
         sample(loaded, 2, options)
         assert decoded[0].abs().max() > 10, options.sampler
+
+
+def test_the_adversarial_term_trains_the_discriminator_only_on_its_own_loss():
+    """adversarial_weight > 0: the autoencoder gets the hinge term -D(x_rec) through a detached discriminator;
+    the discriminator's gradient is that of relu(1 - D(x)) + relu(1 + D(x_rec)) alone; before
+    adversarial_start the term is off."""
+    torch.manual_seed(0)
+    config = AutoencoderConfig(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2), groups=4,
+                               adversarial_weight=0.5, adversarial_start=3, discriminator_channels=8)
+    autoencoder = Autoencoder(config)
+    assert Autoencoder(AutoencoderConfig(in_channels=1, image_size=8, channels=8, channel_mult=(1, 2),
+                                         groups=4)).discriminator is None                # off by default
+    x, _ = random_images(4).batch(torch.arange(4))
+    objective = AutoencoderObjective(autoencoder)
+    early = objective.draw(x, None, torch.Generator().manual_seed(0), step=2)
+    batch = objective.draw(x, None, torch.Generator().manual_seed(0), step=3)
+    assert early.adversarial.sum() == 0 and batch.adversarial.sum() == 4
+    losses, extras = objective.loss(batch, autoencoder)
+    losses.mean().backward()
+    got = [p.grad.clone() for p in autoencoder.discriminator.parameters()]
+    autoencoder.zero_grad()
+    reconstruction, _, _ = autoencoder(x, batch.noise)
+    d = autoencoder.discriminator
+    own = (torch.relu(1 - d(x)).flatten(1).mean(1) + torch.relu(1 + d(reconstruction.detach())).flatten(1).mean(1))
+    own.mean().backward()
+    for a, b in zip(got, (p.grad for p in d.parameters())):
+        torch.testing.assert_close(a, b)
+    assert "generator" in extras and "discriminator" in extras
+    early_losses, _ = objective.loss(early, autoencoder)                 # before adversarial_start: L1 + KL
+    reconstruction, mean, logvar = autoencoder(x, early.noise)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+    torch.testing.assert_close(early_losses, ((reconstruction - x).abs().flatten(1).sum(1) + 1e-6 * kl) / 64)

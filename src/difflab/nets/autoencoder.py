@@ -29,6 +29,9 @@ class AutoencoderConfig:
     # the objective's terms (Rombach et al. 2022, App. G: L1 reconstruction plus a small KL weight)
     reconstruction: str = "l1"             # l1 | l2, summed over pixels
     kl_weight: float = 1e-6                # weight of KL(q(z | x) || N(0, I)), summed over latent elements
+    adversarial_weight: float = 0.0        # > 0: a patch discriminator's hinge loss (LDM's disc_weight; off)
+    adversarial_start: int = 0             # the training step at which the adversarial term starts
+    discriminator_channels: int = 32
 
     @property
     def downsampling(self) -> int:
@@ -92,11 +95,23 @@ class Decoder(nn.Sequential):
         super().__init__(*layers)
 
 
+class PatchDiscriminator(nn.Sequential):
+    """Real/fake logits per overlapping patch (PatchGAN, Isola et al. 2017, as LDM's ``NLayerDiscriminator``
+    with two strided layers and group norm): (B, C, H, W) -> (B, 1, H/4 - 1, W/4 - 1)."""
+
+    def __init__(self, in_channels: int, channels: int, groups: int):
+        super().__init__(nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+                         nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), group_norm(2 * channels, groups),
+                         nn.LeakyReLU(0.2), nn.Conv2d(2 * channels, 1, 4, stride=1, padding=1))
+
+
 class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
         self.config = config
         self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.discriminator = (PatchDiscriminator(config.in_channels, config.discriminator_channels, config.groups)
+                              if config.adversarial_weight > 0 else None)
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The mean and log-variance of q(z | x); the log-variance clamped to [-30, 20] as LDM's

@@ -2,8 +2,13 @@
 
 The loss of one image is its reconstruction error from a posterior sample, summed over pixels, plus
 ``kl_weight`` times KL(q(z | x) || N(0, I)) summed over latent elements (LDM's ``LPIPSWithDiscriminator``
-without its perceptual and adversarial terms, which need weights this toolkit cannot download), divided by the
-number of pixels so that learning rates keep their usual meaning. When training ends the latent scale is
+without its perceptual term, which needs LPIPS weights this toolkit cannot download), divided by the number of
+pixels so that learning rates keep their usual meaning. With ``adversarial_weight`` > 0 (off by default), a
+patch discriminator is trained beside it with LDM's hinge losses (Lim & Ye 2017) from step
+``adversarial_start``: the autoencoder adds ``adversarial_weight`` x -D(x_rec) (through the discriminator with its
+weights detached, so that this term trains only the autoencoder) and the discriminator learns
+relu(1 - D(x)) + relu(1 + D(x_rec)) (on the detached reconstruction); one optimiser holds both (LDM uses two, and
+a weight adapted to the gradient norms, which is not done here). When training ends the latent scale is
 measured on the training data (``difflab.latent.measure_latent_scale``) and stored in the checkpoint's
 "autoencoder" record, with the reconstruction error on held-out images; a latent diffusion experiment names
 this checkpoint as ``data.autoencoder``.
@@ -17,6 +22,7 @@ import dataclasses
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from difflab.build import build_data
@@ -42,6 +48,9 @@ def autoencoder_config(config: Config, data: InMemoryData) -> AutoencoderConfig:
     if c.reconstruction not in RECONSTRUCTIONS:
         raise DifflabError(f"unknown model.autoencoder.reconstruction {c.reconstruction!r}; choose one of "
                            f"{RECONSTRUCTIONS}")
+    if c.adversarial_weight < 0 or c.adversarial_start < 0 or c.discriminator_channels < 1:
+        raise DifflabError("model.autoencoder: adversarial_weight and adversarial_start must be at least 0, "
+                           "discriminator_channels at least 1")
     if c.kl_weight < 0 or c.channels < 1 or c.latent_channels < 1 or not c.channel_mult or c.num_res_blocks < 1:
         raise DifflabError("model.autoencoder: kl_weight must be at least 0; channels, latent_channels, "
                            "num_res_blocks and the levels of channel_mult at least 1")
@@ -60,7 +69,8 @@ class AutoencoderObjective:
 
     def draw(self, x0: torch.Tensor, cond, generator: torch.Generator, step: int = 0) -> StepBatch:
         noise = torch.randn((x0.shape[0], *self.config.latent_shape), generator=generator)
-        return StepBatch({"x0": x0, "noise": noise})
+        adversarial = float(self.config.adversarial_weight > 0 and step >= self.config.adversarial_start)
+        return StepBatch({"x0": x0, "noise": noise, "adversarial": torch.full((x0.shape[0],), adversarial)})
 
     def loss(self, batch: StepBatch, forward: nn.Module) -> tuple[torch.Tensor, dict]:
         reconstruction, mean, logvar = forward(batch.x0, batch.noise)
@@ -69,7 +79,24 @@ class AutoencoderObjective:
         kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).flatten(1).sum(1)
         pixels = error.shape[1]
         losses = (error.sum(1) + self.config.kl_weight * kl) / pixels
-        return losses, {"reconstruction": error.mean().item(), "kl": kl.mean().item()}
+        extras = {"reconstruction": error.mean().item(), "kl": kl.mean().item()}
+        if self.trained.discriminator is not None:
+            generator_loss, discriminator_loss = self.adversarial_losses(batch.x0, reconstruction)
+            on = batch.adversarial
+            losses = losses + on * (self.config.adversarial_weight * generator_loss + discriminator_loss)
+            extras.update(generator=generator_loss.mean().item(), discriminator=discriminator_loss.mean().item())
+        return losses, extras
+
+    def adversarial_losses(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example: the autoencoder's hinge loss -D(fake) (the discriminator's weights detached) and the
+        discriminator's relu(1 - D(real)) + relu(1 + D(fake)) (the reconstruction detached); logits averaged
+        over patches."""
+        discriminator = self.trained.discriminator
+        detached = {name: p.detach() for name, p in discriminator.named_parameters()}
+        fake_logits = torch.func.functional_call(discriminator, detached, (fake,)).float().flatten(1).mean(1)
+        real_term = F.relu(1 - discriminator(real).float()).flatten(1).mean(1)
+        fake_term = F.relu(1 + discriminator(fake.detach()).float()).flatten(1).mean(1)
+        return -fake_logits, real_term + fake_term
 
 
 @torch.no_grad()
