@@ -125,3 +125,15 @@ def test_cross_attention_unet_trains_with_and_without_tokens(num_classes):
     # an unconditional cross-attention U-Net given no tokens: the cross-attention adds nothing
     if num_classes is None:
         assert net(x, t).shape == x.shape
+
+
+def test_cross_attention_options_are_checked():
+    from difflab.errors import DifflabError
+    from difflab.nets.registry import resolve_network
+
+    base = dict(model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=2,
+                groups=4, cross_attention=True)
+    for bad in ({"context_dim": 0}, {"transformer_depth": 0}):
+        with pytest.raises(DifflabError, match="model.unet"):
+            resolve_network("unet", {**base, **bad}, (1, 8, 8), 1, None)
+    assert resolve_network("unet", base, (1, 8, 8), 1, None)["transformer_depth"] == 1

@@ -46,6 +46,10 @@ def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, clas
                                f"of every attention level, {widths}")
     elif config.num_heads < 1 or any(mult * config.model_channels % config.num_heads for mult in config.channel_mult):
         raise DifflabError(f"model.unet.num_heads {config.num_heads} must divide every level's channels")
+    if config.cross_attention and ((config.context_dim is not None and config.context_dim < 1)
+                                   or config.transformer_depth < 1):
+        raise DifflabError(f"model.unet: context_dim (or null) and transformer_depth must be at least 1, got "
+                           f"{config.context_dim}, {config.transformer_depth}")
     return dataclasses.replace(config, in_channels=shape[0], image_size=shape[1], out_channels=out_channels,
                                num_classes=classes)
 

@@ -237,7 +237,7 @@ class UNetEncoder(nn.Module):
         self.emb_dim = emb_dim = 4 * ch
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
-        self.context_dim = c.context_dim or emb_dim
+        self.context_dim = c.context_dim if c.context_dim is not None else emb_dim
         self.label_token = (nn.Embedding(c.num_classes + 1, self.context_dim)
                             if c.cross_attention and c.num_classes else None)
         self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
