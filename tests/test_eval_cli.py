@@ -111,3 +111,21 @@ def test_eval_error_has_no_traceback(tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"difflab: error: samples file {tmp_path / 'x.npz'} does not exist"]
+
+
+def test_training_scores_its_previews_when_asked(tmp_path, cache_dir, capsys, monkeypatch):
+    """train.eval_samples: every preview also logs FID/KID/precision/recall of that many samples."""
+    monkeypatch.setenv("DIFFLAB_CACHE", str(cache_dir.parent))
+    out = tmp_path / "run"
+    settings = [f"train.out_dir={out}", "train.steps=4", "train.sample_every=2", "train.eval_samples=12",
+                "train.num_sample_images=4", "train.max_minutes=null", "train.batch_size=8", "sample.steps=2",
+                *TINY_UNET]
+    assert main(["train", "configs/fashion_mnist.yaml", "--quiet", *sum((["--set", s] for s in settings), [])]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "eval_fid" in r]
+    assert [r["step"] for r in scored] == [2, 4, 4]                  # steps 2 and 4, and the final preview
+    assert all(np.isfinite(r["eval_fid"]) and r["eval_samples"] == 12 for r in scored)
+    capsys.readouterr()
+    assert main(["train", "configs/toy.yaml", "--set", f"train.out_dir={tmp_path / 'toy'}", "--set",
+                 "train.eval_samples=12", "--set", "train.steps=1"]) == 2
+    assert "train.eval_samples" in capsys.readouterr().err

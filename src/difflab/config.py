@@ -107,6 +107,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 0                # also keep the newest N milestones (EMA weights only) in milestones/
     num_sample_images: int = 64
+    eval_samples: int = 0                    # > 0: FID/KID/precision/recall of this many samples (the sample
+    #                                          section's sampler) against the test set at every preview, logged
+    #                                          to metrics.jsonl (Fashion-MNIST models; 0: off)
     # How steps are computed: the same steps up to float rounding (channels_last: other dropout masks).
     device: str = "auto"                     # cpu | cuda | auto (cuda when available); torchrun: cuda:LOCAL_RANK
     precision: str = "fp32"                  # fp32 | bf16 (autocast) | fp16 (autocast + loss scaling, CUDA only)
@@ -253,6 +256,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "train.sample_every": (_at_least_one, "at least 1"),
     "train.checkpoint_every": (_at_least_one, "at least 1"),
     "train.num_sample_images": (_at_least_one, "at least 1"),
+    "train.eval_samples": (lambda v: v == 0 or v >= 6, "0 (off) or at least 6"),
     "train.keep_checkpoints": (_non_negative, "at least 0"),
     "train.grad_accumulation": (_at_least_one, "at least 1"),
     "distill.start_steps": (_at_least_one, "at least 1"),

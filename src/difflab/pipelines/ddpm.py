@@ -196,11 +196,34 @@ def save_samples(samples: torch.Tensor, out_dir: str | Path, name: str = "sample
 
 def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", latent: LatentSpace | None = None):
     """For the trainer: ``preview(ema_denoiser, name)`` writes a grid (or scatter plot) of the model's samples,
-    one per class for a class-conditional model, with the config's sampler, to ``out_dir/samples``."""
-    def preview(denoiser: Denoiser, name: str) -> None:
+    one per class for a class-conditional model, with the config's sampler, to ``out_dir/samples``; with
+    ``train.eval_samples``, it also scores that many samples against the test set and returns the metrics (the
+    trainer logs them)."""
+    if config.train.eval_samples and config.data.dataset != "fashion_mnist":
+        raise DifflabError(f"train.eval_samples scores samples against Fashion-MNIST's test set; data.dataset is "
+                           f"{config.data.dataset!r} (set train.eval_samples: 0)")
+
+    def preview(denoiser: Denoiser, name: str) -> dict | None:
         n = config.train.num_sample_images if spec.is_image else 4000
         classes = spec.num_classes()
         labels = torch.arange(n) % classes if classes else None
         samples = sample(denoiser, n, config.sample, class_condition(labels), device, spec=spec, latent=latent)
         save_samples(samples, Path(config.train.out_dir) / "samples", name)
+        return evaluate_preview(denoiser, config, spec, device, latent) if config.train.eval_samples else None
     return preview
+
+
+def evaluate_preview(denoiser: Denoiser, config: Config, spec: ModelSpec, device: str,
+                     latent: LatentSpace | None) -> dict:
+    """FID, KID, precision and recall of ``train.eval_samples`` samples (balanced classes; seeds from 10^6, apart
+    from the grids') against the Fashion-MNIST test set, as ``difflab eval`` scores them."""
+    import dataclasses
+
+    from difflab.pipelines.evaluate import EvalOptions, balanced_labels, score_images
+
+    n, classes = config.train.eval_samples, spec.num_classes()
+    labels = balanced_labels(n, classes) if classes else None
+    options = dataclasses.replace(config.sample, seed=10 ** 6)
+    images = to_uint8_images(sample(denoiser, n, options, class_condition(labels), device, spec=spec, latent=latent))
+    metrics = score_images(images, labels, EvalOptions(n=n, progress=False), resize=config.data.resize)["metrics"]
+    return {f"eval_{k}": metrics[k] for k in ("fid", "kid", "precision", "recall")} | {"eval_samples": n}

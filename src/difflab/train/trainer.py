@@ -48,7 +48,7 @@ from difflab.train.run_folder import RunLock, check_occupied
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.out_dir", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.num_sample_images", "train.device", "train.precision", "train.grad_accumulation",
+                     "train.num_sample_images", "train.eval_samples", "train.device", "train.precision", "train.grad_accumulation",
                      "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
 NONFINITE = ("stop", "skip")
 
@@ -301,9 +301,12 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------
     def preview(self, name: str) -> None:
-        """The preview callback on the EMA weights (a grid of samples, say); rank 0 only."""
+        """The preview callback on the EMA weights (a grid of samples, say); rank 0 only. Metrics it returns
+        (e.g. an FID of samples) are logged with the step."""
         if self.dist.is_main and self.preview_callback is not None:
-            self.preview_callback(self.ema.model, name)
+            metrics = self.preview_callback(self.ema.model, name)
+            if isinstance(metrics, dict) and metrics:
+                self.log({"step": self.step, **metrics})
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
