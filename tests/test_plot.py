@@ -1,0 +1,38 @@
+"""``difflab plot``: a run's curves from metrics.jsonl, one panel per logged series."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from difflab.errors import DifflabError
+from difflab.pipelines.plot import HEIGHT, plot_run, series
+
+
+def write_metrics(folder, records):
+    folder.mkdir(exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_one_panel_per_logged_series(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, [{"step": s, "loss": 1 / s, "lr": 1e-3, "images_per_s": 100 + s} for s in range(1, 30)])
+    image = Image.open(plot_run(run))
+    assert image.size[1] == 3 * HEIGHT                      # loss, lr, throughput
+    write_metrics(run, [{"step": 5, "loss": 0.2, "lr": 1e-3, "images_per_s": 90},
+                        {"step": 5, "eval_fid": 12.0, "eval_samples": 100}, {"step": 10, "eval_fid": 8.0}])
+    assert Image.open(plot_run(run, tmp_path / "c.png")).size[1] == 4 * HEIGHT
+
+
+def test_log_scale_series_drop_non_positive_and_non_finite_values():
+    records = [{"step": 1, "loss": 0.0}, {"step": 2, "loss": float("nan")}, {"step": 3, "loss": 0.5}, {"lr": 1}]
+    assert series(records, "loss", log=True) == [(3.0, 0.5)]
+    assert series(records, "loss", log=False) == [(1.0, 0.0), (3.0, 0.5)]
+
+
+def test_a_folder_without_metrics_is_one_clear_error(tmp_path):
+    with pytest.raises(DifflabError, match="metrics.jsonl does not exist"):
+        plot_run(tmp_path)
+    write_metrics(tmp_path, [{"step": 1, "other": 2}])
+    with pytest.raises(DifflabError, match="no loss"):
+        plot_run(tmp_path)
