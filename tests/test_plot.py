@@ -36,3 +36,13 @@ def test_a_folder_without_metrics_is_one_clear_error(tmp_path):
     write_metrics(tmp_path, [{"step": 1, "other": 2}])
     with pytest.raises(DifflabError, match="no loss"):
         plot_run(tmp_path)
+
+
+def test_difflab_plot_from_the_command_line(tmp_path, capsys):
+    from difflab.cli import main
+
+    write_metrics(tmp_path, [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}])
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").is_file()
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err

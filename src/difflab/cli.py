@@ -20,10 +20,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from difflab.config import load_config
     from difflab.pipelines.ddpm import preview_callback
+    from difflab.presets import resolve_config
     from difflab.train import distributed
     from difflab.train.diffusion import diffusion_trainer
 
-    config = load_config(args.config, args.set)
+    config = load_config(resolve_config(args.config), args.set)
     if config.distill.method == "progressive":
         return train_progressive(config, args)
     if config.model.kind == "autoencoder":
@@ -173,12 +174,33 @@ def cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.presets import resolve_config
     from difflab.train.classifier import train_classifier_from_yaml
 
-    result = train_classifier_from_yaml(args.config, args.set, progress=not args.quiet, resume=args.resume,
-                                        overwrite=args.overwrite)
+    result = train_classifier_from_yaml(resolve_config(args.config), args.set, progress=not args.quiet,
+                                        resume=args.resume, overwrite=args.overwrite)
     print(f"trained the noise-aware classifier to step {result.step} (stopped by {result.stopped_by}); "
           f"test accuracy by timestep {json.dumps(result.accuracy)}; {result.checkpoint}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """A run's training curves (loss, learning rate, throughput, preview FID) to a PNG."""
+    from difflab.pipelines.plot import plot_run
+
+    print(plot_run(args.run, args.out))
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """The shipped experiment presets, each with the first line of its comment."""
+    from difflab.presets import describe, presets, presets_dir
+
+    known = presets()
+    width = max(map(len, known), default=0)
+    for name, path in known.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    print(f"{len(known)} presets in {presets_dir()}; run one with `difflab train NAME`", file=sys.stderr)
     return 0
 
 
@@ -265,6 +287,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by ``sample`` and ``eval``; each left unset keeps the checkpoint config's value."""
     from difflab.samplers import SAMPLERS, SPACINGS
 
+    parser = parser.add_argument_group("sampling options",
+                                       "an option left unset keeps the value in the checkpoint's config")
     parser.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default: the config's)")
     parser.add_argument("--steps", default=None, help="number of steps, or sections like 10,10,20 (ancestral)")
     parser.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
@@ -293,7 +317,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="classifier guidance gradient scale s (Dhariwal & Nichol 2021)")
     parser.add_argument("--threshold", choices=sorted(THRESHOLDS), default=None,
                         help="x0 thresholding: static clip to [-1, 1], dynamic (p = 0.995), or none")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="the checkpoint's EMA weights or its raw model weights")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
 
 
@@ -329,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model from a YAML config")
-    train.add_argument("config", type=Path, help="experiment YAML (see configs/)")
+    train.add_argument("config", metavar="CONFIG",
+                       help="experiment YAML file, or the name of a preset (see `difflab presets`)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
     train.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
@@ -341,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_classifier = sub.add_parser("train-classifier",
                                       help="train a noise-aware classifier p(y | x_t, t) for classifier guidance")
-    train_classifier.add_argument("config", type=Path, help="experiment YAML (configs/fmnist_noisy_classifier.yaml)")
+    train_classifier.add_argument("config", metavar="CONFIG",
+                                  help="experiment YAML file or preset name (fmnist_noisy_classifier)")
     train_classifier.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                                   help="override a config value (repeatable)")
     train_classifier.add_argument("--resume", action="store_true",
@@ -380,10 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--seed", type=int, default=0, help="first latent seed, or first test image index")
     interp.add_argument("--test-images", action="store_true",
                         help="interpolate between DDIM inversions of test images instead of random latents")
-    interp.add_argument("--weights", choices=("ema", "model"), default="ema")
+    interp.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="the checkpoint's EMA weights or its raw model weights")
     interp.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     interp.add_argument("--name", default="interpolation", help="file name stem of the .png")
     interp.set_defaults(func=cmd_interpolate)
+
+    presets = sub.add_parser("presets", help="list the shipped experiment presets (difflab train NAME)")
+    presets.set_defaults(func=cmd_presets)
+
+    plot = sub.add_parser("plot", help="draw a run's loss, learning-rate and throughput curves to RUN/curves.png")
+    plot.add_argument("run", type=Path, help="the run folder (its metrics.jsonl)")
+    plot.add_argument("--out", type=Path, default=None, help="the PNG to write (default: RUN/curves.png)")
+    plot.set_defaults(func=cmd_plot)
 
     info = sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint", type=Path)
@@ -420,7 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     tune.set_defaults(func=cmd_tune_grid)
+    for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
     return parser
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none worth printing (None, an off flag, an empty
+    list) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        nothing = action.default is None or action.default is False or action.default == []
+        return action.help if nothing or "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def device_option(name: str) -> str:
