@@ -46,3 +46,19 @@ def test_difflab_plot_from_the_command_line(tmp_path, capsys):
     assert (tmp_path / "curves.png").is_file()
     assert main(["plot", str(tmp_path / "missing")]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_csv_log_beside_metrics_jsonl_keeps_its_columns_on_resume(tmp_path):
+    import csv
+
+    from difflab.cli import main
+
+    out = tmp_path / "toy"
+    args = ["train", "configs/toy.yaml", "--quiet", "--set", f"train.out_dir={out}", "--set", "train.csv_log=true",
+            "--set", "train.log_every=2", "--set", "train.sample_every=1000"]
+    assert main([*args, "--set", "train.steps=4"]) == 0
+    assert main([*args, "--set", "train.steps=6", "--resume"]) == 0
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["step"]) for r in rows] == [r["step"] for r in jsonl if "loss" in r] == [2, 4, 6]
+    assert float(rows[-1]["loss"]) == pytest.approx(jsonl[-1]["loss"])

@@ -103,6 +103,7 @@ class TrainConfig:
     nonfinite: str = "stop"                  # a nan/inf loss or gradient: stop (keeping the last checkpoint) | skip
     seed: int = 0
     log_every: int = 50
+    csv_log: bool = False                    # also write the log records to metrics.csv (and evals.csv)
     sample_every: int = 1000
     checkpoint_every: int = 1000
     keep_checkpoints: int = 0                # also keep the newest N milestones (EMA weights only) in milestones/

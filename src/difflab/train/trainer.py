@@ -18,6 +18,7 @@ nothing of sampling pipelines.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import signal
@@ -48,7 +49,7 @@ from difflab.train.run_folder import RunLock, check_occupied
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.out_dir", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.num_sample_images", "train.eval_samples", "train.device", "train.precision", "train.grad_accumulation",
+                     "train.num_sample_images", "train.eval_samples", "train.csv_log", "train.device", "train.precision", "train.grad_accumulation",
                      "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
 NONFINITE = ("stop", "skip")
 
@@ -101,6 +102,18 @@ def lr_multiplier(schedule: str, step: int, warmup_steps: int, progress: float) 
     if schedule == "linear":
         return warmup * (1 - progress)
     return warmup
+
+
+def append_csv(path: Path, record: dict) -> None:
+    """One record as a CSV row; the file's header (its first record's keys) fixes the columns, so a resumed run
+    appends to the same columns (a key the header lacks is left out, a missing one left empty)."""
+    columns = list(record)
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), columns)
+    else:
+        append_line(path, ",".join(columns))
+    append_line(path, ",".join("" if record.get(c) is None else str(record[c]) for c in columns))
 
 
 @dataclass
@@ -311,6 +324,8 @@ class Trainer:
     def log(self, record: dict) -> None:
         if self.dist.is_main:
             append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
+            if getattr(self.train_config, "csv_log", False):
+                append_csv(self.out_dir / ("evals.csv" if "loss" not in record else "metrics.csv"), record)
 
     def stop_reason(self) -> str | None:
         """"interrupt" once Ctrl-C was pressed on any rank, "time" once the run's train.max_minutes of training
