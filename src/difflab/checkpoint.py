@@ -33,6 +33,7 @@ class Checkpoint:
     state: dict                      # step, images_seen, optimizer param_groups, ...
     tensors: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)   # the file's other JSON records (e.g. "model")
+    sha256: str = ""                 # the tensors' checksum as written (verified on load); "" in old files
 
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors saved under ``prefix.``, with the prefix removed."""
@@ -141,7 +142,7 @@ def load_checkpoint(path: str | Path, file_format: str = FORMAT, config_class: t
     state = records.pop("state", None)
     if not isinstance(state, dict) or not isinstance(state.get("step", 0), int) or state.get("step", 0) < 0:
         raise DifflabError(f"{path}: missing or corrupt training state in metadata (the step must be an integer)")
-    return Checkpoint(path, config, state, tensors, records)
+    return Checkpoint(path, config, state, tensors, records, metadata.get("sha256", ""))
 
 
 def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, prefix: str) -> None:

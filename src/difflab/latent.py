@@ -97,15 +97,8 @@ def load_latent_space(path: str | Path) -> LatentSpace:
     if record.get("scale") is None:
         raise DifflabError(f"data.autoencoder: {checkpoint.path} has no latent scale yet (its training has not "
                            f"ended: finish it with difflab train --resume)")
-    record = {**record, "source": str(checkpoint.path.resolve()), "sha256": checkpoint_digest(checkpoint)}
+    record = {**record, "source": str(checkpoint.path.resolve()), "sha256": checkpoint.sha256}
     return LatentSpace.from_checkpoint(checkpoint, record, "ema" if checkpoint.has_ema else "model")
-
-
-def checkpoint_digest(checkpoint: Checkpoint) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(checkpoint.path), framework="pt") as f:
-        return (f.metadata() or {}).get("sha256", "")
 
 
 @torch.no_grad()
@@ -113,18 +106,26 @@ def measure_latent_scale(autoencoder: Autoencoder, data: InMemoryData, max_examp
                          seed: int = 0) -> float:
     """1 / std of posterior samples z ~ q(z | x) over (at most ``max_examples``) training images, all latent
     elements pooled, as LDM's ``scale_by_std`` (there from one batch; here from many)."""
-    g = torch.Generator().manual_seed(seed)
-    total, total_sq, count = 0.0, 0.0, 0
-    device = next(autoencoder.parameters()).device
-    for start in range(0, min(len(data), max_examples), ENCODE_BATCH):
-        x, _ = data.batch(torch.arange(start, min(start + ENCODE_BATCH, len(data), max_examples)))
-        mean, logvar = autoencoder.posterior(x.to(device))
-        z = (mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=g).to(device)).double()
-        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
-    variance = total_sq / count - (total / count) ** 2
+    mean, std = posterior_parameters(LatentSpace(autoencoder, 1.0), data, max_examples)
+    z = (mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))).double()
+    variance = z.var(unbiased=False).item()
     if not variance > 0:
         raise DifflabError("the autoencoder's latents have zero variance: it has not learned an encoding")
     return float(variance ** -0.5)
+
+
+def posterior_parameters(space: LatentSpace, images: InMemoryData, count: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scaled posterior mean and standard deviation of the first ``count`` (all) images, float32 on the
+    CPU, encoded ``ENCODE_BATCH`` at a time."""
+    count = len(images) if count is None else min(count, len(images))
+    means, stds = [], []
+    for start in range(0, count, ENCODE_BATCH):
+        x, _ = images.batch(torch.arange(start, min(start + ENCODE_BATCH, count)))
+        mean, std = space.posterior(x)
+        means.append(mean.float().cpu())
+        stds.append(std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
 
 
 @dataclass
@@ -166,13 +167,7 @@ def encode_dataset(space: LatentSpace, images: InMemoryData, cache: Path | None 
                                   images.name, images.class_names)
         except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
             pass
-    means, stds = [], []
-    for start in range(0, len(images), ENCODE_BATCH):
-        x, _ = images.batch(torch.arange(start, min(start + ENCODE_BATCH, len(images))))
-        mean, std = space.posterior(x)
-        means.append(mean.float().cpu())
-        stds.append(std.float().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
+    mean, std = posterior_parameters(space, images)
     if cache is not None:
         atomic_write(cache, lambda tmp: save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp)))
     return LatentData(mean, std, images.labels, images.num_classes, images.name, images.class_names)

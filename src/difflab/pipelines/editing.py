@@ -43,9 +43,8 @@ def image_to_image(loaded: LoadedModel, images: torch.Tensor, strength: float, o
     steps = round(strength * (len(plan.grid) - 1))
     if steps == 0:
         return images.clone()
-    pixels = images
-    if loaded.latent is not None:
-        images = torch.cat([loaded.latent.posterior(chunk)[0].cpu() for chunk in pixels.split(options.batch_size)])
+    if loaded.latent is not None:                     # edit the posterior mean of the image's encoding
+        images = torch.cat([loaded.latent.posterior(chunk)[0].cpu() for chunk in images.split(options.batch_size)])
     grid = plan.grid[-(steps + 1):]
     kwargs = dict(plan.kwargs)
     start = None

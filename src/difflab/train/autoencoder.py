@@ -119,7 +119,6 @@ def autoencoder_trainer(config: Config, resume=False, progress: bool = True, ove
     trainer = Trainer(config, AutoencoderObjective(autoencoder), data, resume=resume, progress=progress,
                       metadata={"autoencoder": {"network_options": to_dict(autoencoder.config), "scale": None}},
                       overwrite=overwrite)
-    trainer.data = data
     return trainer
 
 
