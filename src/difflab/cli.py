@@ -22,6 +22,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from difflab.pipelines.ddpm import preview_callback
     from difflab.presets import resolve_config
     from difflab.train import distributed
+    from difflab.train.controlnet import controlnet_trainer
     from difflab.train.diffusion import diffusion_trainer
 
     config = load_config(resolve_config(args.config), args.set)
@@ -31,8 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return train_autoencoder(config, args)
     dist = distributed.init(config.train.device, os.environ)     # torchrun's RANK, WORLD_SIZE, LOCAL_RANK
     say = print if dist.is_main else (lambda *a, **k: None)
+    make_trainer = controlnet_trainer if config.model.kind == "controlnet" else diffusion_trainer
     try:
-        trainer = diffusion_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
+        trainer = make_trainer(config, resume=args.resume if args.resume else False, progress=not args.quiet,
                                     dist=dist, preview=lambda spec, latent: preview_callback(config, spec, dist.device, latent),
                                     overwrite=args.overwrite)
         if trainer.step:
@@ -112,16 +114,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     print(f"sampling {args.n} from {loaded.path} (step {loaded.step}) with {loaded.weights} weights, "
           f"{options.sampler} sampler, " + (f"grid {', '.join(f'{v:g}' for v in options.sigmas)}" if options.sigmas
                                             else f"{options.steps} steps"), file=sys.stderr)
+    cond, hints = class_condition(labels), None
+    if args.control is not None or args.control_from is not None:
+        cond, hints = control_condition(args, loaded, cond)
     if args.init_image is None:
         if args.mask is not None:
             raise DifflabError("--mask needs the image to inpaint (--init-image)")
-        samples = sample(loaded, args.n, options, class_condition(labels), args.device, progress=True)
+        samples = sample(loaded, args.n, options, cond, args.device, progress=True)
     else:
-        samples = edit_images(args, loaded, options, class_condition(labels))
+        samples = edit_images(args, loaded, options, cond)
     for path in save_samples(samples, args.out, args.name, labels, columns=args.nrow, scale=args.scale,
                              each=args.each):
         print(path)
+    if hints is not None:
+        from difflab.pipelines.control import agreement, save_pairs
+
+        print(save_pairs(hints, samples, args.out / f"{args.name}_pairs.png", args.scale))
+        hint = loaded.spec.condition_fields()["control"].hint
+        score = agreement(loaded.spec, hints, samples).mean().item()
+        what = "1 - mean absolute difference of the sketches" if hint == "sketch" else f"F1 of the {hint} maps"
+        print(f"agreement with the control images ({what}): {score:.3f}", file=sys.stderr)
     return 0
+
+
+def control_condition(args: argparse.Namespace, loaded, cond):
+    """The condition record with ``--control`` (hint files) or ``--control-from`` (images) for ``--n`` samples."""
+    from difflab.pipelines.control import control_images, with_control
+
+    if args.control is not None and args.control_from is not None:
+        raise DifflabError("--control and --control-from both give the control images: choose one")
+    path = args.control if args.control is not None else args.control_from
+    hints = control_images(loaded.spec, path, args.n, from_images=args.control_from is not None)
+    return with_control(cond, hints), hints
 
 
 def edit_images(args: argparse.Namespace, loaded, options, cond):
@@ -270,7 +294,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "sigmas", "eta", "variance", "seed", "batch_size", "guidance",
                     "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr", "classifier",
-                    "classifier_scale")
+                    "classifier_scale", "control_scale")
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
@@ -311,6 +335,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="sampling batch size")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance weight w (diffusers' guidance_scale = 1 + w)")
+    parser.add_argument("--control-scale", dest="control_scale", type=float, default=None,
+                        help="ControlNet models: scale of the control residuals (1: as trained, 0: the base model)")
     parser.add_argument("--classifier", default=None, metavar="CKPT",
                         help="noise-aware classifier (difflab train-classifier) for classifier guidance")
     parser.add_argument("--classifier-scale", type=float, default=None,
@@ -397,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mask", type=Path, default=None, metavar="PNG",
                         help="inpainting (RePaint): white pixels are generated, black ones kept exactly")
     sample.add_argument("--resample", type=int, default=5, help="RePaint: resampling steps per level (U)")
+    sample.add_argument("--control", type=Path, default=None, metavar="PNG|DIR",
+                        help="ControlNet models: control image(s) as they are (e.g. white edges on black), used in "
+                             "turn for the --n samples")
+    sample.add_argument("--control-from", dest="control_from", type=Path, default=None, metavar="PNG|DIR",
+                        help="ControlNet models: compute the control images from these ordinary images with the "
+                             "model's hint (e.g. their Canny edges)")
     sample.set_defaults(func=cmd_sample)
 
     interp = sub.add_parser("interpolate", help="DDIM interpolation between latents or inverted test images")

@@ -75,6 +75,7 @@ class Condition:
     dropout: float = 0.0
 
     kind = "tensor"
+    guided = True      # classifier-free guidance sets it to null in the unconditional pass
 
     def null_like(self, value: torch.Tensor) -> torch.Tensor:
         """The null condition, shaped like ``value``: zeros (an empty embedding) unless a kind says otherwise."""
@@ -122,7 +123,32 @@ class ClassLabel(Condition):
                                f"(or {self.num_classes}, the null label)")
 
 
-CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel}
+CONTROL_FIELD = "control"      # the record's field for a ControlNet's control image
+
+
+@dataclass(frozen=True)
+class ControlImage(Condition):
+    """A ControlNet's control image (Zhang et al. 2023): (B, channels, H, W) in [0, 1], made from images by the
+    hint ``hint`` with its options (``difflab.data.hints``). Never dropped in training and kept in both passes
+    of classifier-free guidance (the paper's "CFG resolution weighting" aside, the control is not what is
+    guided); its null value, zeros, is what the hint of a blank image would be for edges."""
+    channels: int = 1
+    hint: str = "canny"
+    canny_sigma: float = 1.0
+    silhouette_threshold: float = 0.05
+    sketch_factor: int = 4
+
+    kind = "control_image"
+    guided = False
+
+    def check(self, value: torch.Tensor) -> None:
+        if not value.dtype.is_floating_point or value.ndim != 4 or value.shape[1] != self.channels:
+            raise DifflabError(f"condition {self.name!r}: expected (B, {self.channels}, H, W) control images in "
+                               f"[0, 1], got {value.dtype} {tuple(value.shape)}")
+
+
+CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel,
+                                               "control_image": ControlImage}
 
 
 def condition_from_json(values: dict) -> Condition:

@@ -15,7 +15,7 @@ import yaml
 from difflab.errors import DifflabError
 from difflab.typed import from_dict, to_dict
 
-__all__ = ["Config", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig", "TrainConfig",
+__all__ = ["Config", "ControlConfig", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig", "TrainConfig",
            "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
 
 
@@ -144,6 +144,7 @@ class SampleConfig:
     step_size: float = 2e-5             # langevin: epsilon of Song & Ermon 2019, Alg. 1 (step = epsilon sigma_i^2 / sigma_L^2)
     snr: float = 0.16                   # pc: signal-to-noise ratio r of the corrector (Song et al. 2021, Alg. 5)
     guidance: float = 0.0               # classifier-free guidance weight w (guidance_scale = 1 + w elsewhere)
+    control_scale: float = 1.0          # ControlNet models: the scale of the control residuals (0: the base model)
     dynamic_threshold: float | None = None   # percentile p of Saharia et al. 2022 (replaces clip_x0 when set)
     classifier: str | None = None       # noise-aware classifier file for classifier guidance (difflab train-classifier)
     classifier_scale: float = 0.0       # its gradient scale s (Dhariwal & Nichol 2021, Alg. 1 and 2)
@@ -184,6 +185,19 @@ class DistillConfig:
 
 
 @dataclass
+class ControlConfig:
+    """ControlNet training (Zhang et al. 2023; ``model.kind: controlnet``): the frozen ``base`` model and the
+    control images made from each training image by ``hint`` (``difflab.data.hints``). The base's
+    preconditioning, schedule and conditions are the controlled model's (its label dropout is
+    ``train.label_dropout``: the paper replaces half of the prompts by the empty one)."""
+    base: str | None = None             # the base model's run folder or checkpoint (a U-Net)
+    hint: str = "canny"                 # canny | silhouette | sketch
+    canny_sigma: float = 1.0            # canny: Gaussian smoothing (pixels)
+    silhouette_threshold: float = 0.05  # silhouette: grey level in [0, 1] above which a pixel is the object
+    sketch_factor: int = 4              # sketch: block size of the low-resolution image
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -192,6 +206,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -269,6 +284,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "distill.s1": (lambda v: v >= 2, "at least 2"),
     "distill.mu0": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "distill.p_std": (_positive, "positive"),
+    "control.hint": (lambda v: v in ("canny", "silhouette", "sketch"), "canny, silhouette or sketch"),
+    "control.canny_sigma": (_non_negative, "at least 0"),
+    "control.silhouette_threshold": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "control.sketch_factor": (_at_least_one, "at least 1"),
     "sample.batch_size": (_at_least_one, "at least 1"),
     "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),
     "sample.rho": (_positive, "positive"),
@@ -282,6 +301,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "sample.step_size": (_positive, "positive"),
     "sample.snr": (_positive, "positive"),
     "sample.guidance": (_non_negative, "at least 0"),
+    "sample.control_scale": (_non_negative, "at least 0"),
     "sample.dynamic_threshold": (lambda v: 0 < v <= 1, "a percentile in (0, 1]"),
 }
 

@@ -52,11 +52,14 @@ class DenoiserWrapper(nn.Module):
 
 
 class ClassifierFreeGuidance(DenoiserWrapper):
-    """D_u + (1 + w)(D_c - D_u), both in one batched evaluation; ``drop`` names the fields set to null in D_u."""
+    """D_u + (1 + w)(D_c - D_u), both in one batched evaluation; ``drop`` names the fields set to null in D_u
+    (default: every guided one, i.e. all but a ControlNet's control image)."""
 
     def __init__(self, inner: nn.Module, w: float, drop: Iterable[str] | None = None):
         super().__init__(inner)
-        self.w, self.drop = w, None if drop is None else tuple(drop)
+        self.w = w
+        self.drop = (tuple(name for name, c in self.conditions.items() if c.guided) if drop is None
+                     else tuple(drop))
 
     def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
         if cond is None or self.w == 0:

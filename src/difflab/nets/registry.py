@@ -15,6 +15,7 @@ from typing import Any, Callable
 from torch import nn
 
 from difflab.errors import DifflabError
+from difflab.nets.controlnet import ControlledUNet, ControlNetConfig
 from difflab.nets.dit import DIT_BLOCKS, DIT_PRESETS, DiT, DiTConfig, dit_sizes
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
@@ -93,10 +94,26 @@ def fit_dit(config: DiTConfig, shape: tuple[int, ...], out_channels: int, classe
                                num_classes=classes)
 
 
+def fit_controlnet(config: ControlNetConfig, shape: tuple[int, ...], out_channels: int,
+                   classes: int | None) -> ControlNetConfig:
+    """The base U-Net's options come from the base model (``control.base``), already fitted to its data."""
+    if not config.base:
+        raise DifflabError("model.kind 'controlnet' controls a trained U-Net: set control.base to its run folder")
+    base = config.base_config()
+    if (base.in_channels, base.image_size, base.image_size) != tuple(shape):
+        raise DifflabError(f"model.controlnet: the base U-Net makes samples of shape "
+                           f"{(base.in_channels, base.image_size, base.image_size)}, the data are {tuple(shape)}")
+    if config.hint_channels < 1 or not config.hint_widths or min(config.hint_widths) < 1:
+        raise DifflabError(f"model.controlnet: hint_channels and every hint_widths entry must be at least 1, got "
+                           f"{config.hint_channels}, {list(config.hint_widths)}")
+    return config
+
+
 NETWORKS: dict[str, NetworkEntry] = {
     "unet": NetworkEntry(UNetConfig, UNet, fit_unet),
     "mlp": NetworkEntry(MLPConfig, MLP, fit_mlp),
     "dit": NetworkEntry(DiTConfig, DiT, fit_dit),
+    "controlnet": NetworkEntry(ControlNetConfig, ControlledUNet, fit_controlnet),
 }
 
 

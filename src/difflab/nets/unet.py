@@ -326,14 +326,18 @@ class UNetEncoder(nn.Module):
         return context, mask
 
     def encode(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None,
-               tokens: tuple[torch.Tensor | None, torch.Tensor | None] | None = None):
+               tokens: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+               input_residual: torch.Tensor | None = None):
         """(h, emb, skips): the middle block's output (B, C, H/2^L, W/2^L), the embedding (B, 4ch) and the
         input conv's and every down stage's outputs (the U-Net's skip connections). ``tokens``: the
-        ``condition_tokens`` when the caller has them already."""
+        ``condition_tokens`` when the caller has them already. ``input_residual`` (B, ch, H, W) is added to the
+        input conv's output (a ControlNet's encoded hint, Zhang et al. 2023)."""
         emb = self.embed(t, cond, x.shape[0], x.device)
         if tokens is None:
             tokens = self.condition_tokens(cond, x.shape[0], x.device)
         h = self.input_conv(x)                                                       # (B, ch, H, W)
+        if input_residual is not None:
+            h = h + input_residual
         skips = [h]
         for stage in self.down:
             h = self.run_stage(stage, h, emb, tokens)
@@ -379,6 +383,12 @@ class UNet(UNetEncoder):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         tokens = self.condition_tokens(cond, x.shape[0], x.device)      # (B, L, context_dim), (B, L) or None
         h, emb, skips = self.encode(x, t, cond, tokens)                                # (B, C, H/2^L, W/2^L)
+        return self.decode(h, emb, skips, tokens)
+
+    def decode(self, h: torch.Tensor, emb: torch.Tensor, skips: list[torch.Tensor],
+               tokens: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
+        """The up half, from ``encode``'s outputs (a ControlNet adds its residuals to them first)."""
+        skips = list(skips)
         for stage in self.up:
             h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb, tokens)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)

@@ -12,7 +12,7 @@ import torch
 
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
-from difflab.conditioning import Cond
+from difflab.conditioning import CONTROL_FIELD, Cond
 from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
@@ -79,8 +79,9 @@ def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Con
     ask (in that order: the classifier sees the guided D; thresholds act last)."""
     model = denoiser
     if options.guidance:
-        if not denoiser.conditions or cond is None:
-            raise DifflabError("guidance needs a conditional model and a condition (--class)")
+        if not any(c.guided for c in denoiser.conditions.values()) or cond is None:
+            raise DifflabError("guidance needs a conditional model and a condition (--class; a control image is "
+                               "kept in both passes, not guided)")
         model = ClassifierFreeGuidance(model, options.guidance)
     if options.classifier_scale:
         if cond is None or "label" not in cond:
@@ -128,6 +129,13 @@ def sampling_plan(loaded: LoadedModel | Denoiser, options: SampleConfig, cond: C
         for name, value in cond.items():
             if name in denoiser.conditions:
                 denoiser.conditions[name].check(value)
+    controlled = CONTROL_FIELD in denoiser.conditions
+    if controlled and (cond is None or CONTROL_FIELD not in cond):
+        raise DifflabError("this ControlNet model samples from control images: difflab sample --control FILE|DIR "
+                           "or --control-from FILE|DIR (Python: difflab.pipelines.control.with_control); "
+                           "benchmarks/fmnist_controlnet.py scores one")
+    if options.control_scale != 1 and not controlled:
+        raise DifflabError("control_scale (--control-scale) applies to ControlNet models only")
     if options.sampler not in SAMPLERS:
         raise DifflabError(f"unknown sampler {options.sampler!r}; choose one of {sorted(SAMPLERS)}")
     model = guided(denoiser, spec, options, cond, device)
@@ -154,6 +162,8 @@ def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: 
     latent model, its ``latent`` space). A latent model's samples are decoded to images (clipped to [-1, 1]
     only after decoding: latents are never clipped)."""
     plan = sampling_plan(loaded, options, cond, device, spec)
+    if options.control_scale != 1:                               # ControlNet: the residuals' scale, per sample
+        cond = cond.replace(control_scale=torch.full((n,), float(options.control_scale)))
     seeds = [options.seed + i for i in range(n)]
     samples = generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
                        batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
@@ -202,6 +212,10 @@ def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", laten
     if config.train.eval_samples and config.data.dataset != "fashion_mnist":
         raise DifflabError(f"train.eval_samples scores samples against Fashion-MNIST's test set; data.dataset is "
                            f"{config.data.dataset!r} (set train.eval_samples: 0)")
+
+    if CONTROL_FIELD in spec.condition_fields():
+        from difflab.pipelines.control import control_preview
+        return control_preview(config, spec, device)
 
     def preview(denoiser: Denoiser, name: str) -> dict | None:
         n = config.train.num_sample_images if spec.is_image else 4000

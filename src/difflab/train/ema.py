@@ -30,7 +30,8 @@ class EMA:
     def update(self, model: nn.Module, images_seen: int, batch_size: int) -> None:
         beta = self.decay(images_seen, batch_size)
         for ema_param, param in zip(self.model.parameters(), model.parameters()):
-            ema_param.lerp_(param.detach(), 1 - beta)
+            if param.requires_grad:                  # frozen parameters (a ControlNet's base) stay as they are
+                ema_param.lerp_(param.detach(), 1 - beta)
         for ema_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 

@@ -153,8 +153,8 @@ class Trainer:
         if t.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self.ema = EMA(self.net, t.ema_halflife_images, t.ema_rampup_ratio)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=t.adam_betas,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad], lr=t.lr,
+                                           betas=t.adam_betas, weight_decay=t.weight_decay)   # not frozen parts
         self.precision = Precision(t.precision, self.device)
         self.batches = EpochBatches(len(self.data), t.batch_size, t.seed)
         self.extras: dict[str, list[float]] = {}     # the objective's values to log, since the last record
