@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from difflab.conditioning import ClassLabel
+from difflab.conditioning import AUG_LEVEL_FIELD, LOW_RES_FIELD, AugmentationLevel, ClassLabel, LowResImage
 from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
 from difflab.denoiser import ConsistencyPrecond, Denoiser, EDMPrecond, Precond, VPPrecond
@@ -77,6 +77,27 @@ def build_latent_data(config: DataConfig, split: str = "train"):
     return encode_dataset(space, images, cache), space
 
 
+def superres_conditions(config: Config, shape: tuple[int, ...]) -> list:
+    """A super-resolution stage's conditions: the low-resolution image, and its augmentation level."""
+    r = config.superres
+    conditions = [LowResImage(LOW_RES_FIELD, 0.0, r.low_res, shape[0])]
+    if r.augmentation != "none":
+        conditions.append(AugmentationLevel(AUG_LEVEL_FIELD, 0.0, r.augmentation, r.max_level, r.max_blur))
+    return conditions
+
+
+def superres_inputs(config: Config, shape: tuple[int, ...]) -> dict:
+    """The U-Net options that make it read them (its low-resolution input channels, the level's embedding)."""
+    r = config.superres
+    if config.model.kind != "unet" or len(shape) != 3:
+        raise DifflabError(f"superres.low_res: a super-resolution stage is a U-Net on images, not "
+                           f"model.kind {config.model.kind!r}")
+    if r.low_res >= shape[1] or config.data.autoencoder:
+        raise DifflabError(f"superres.low_res {r.low_res} must be below the pixel-space image size {shape[1]} "
+                           f"(data.image_size; no data.autoencoder)")
+    return {"low_res_channels": shape[0], "augmentation_embedding": r.augmentation != "none"}
+
+
 def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
     """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions;
     ``latent``: the ``LatentSpace`` the data are in (latent diffusion)."""
@@ -88,8 +109,12 @@ def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
         conditions.append(ClassLabel("label", config.train.label_dropout, data.num_classes,
                                      tuple(data.class_names)).to_json())
     out_channels = shape[0] * (2 if config.diffusion.learn_variance else 1)
-    options = resolve_network(config.model.kind, config.model.options, shape, out_channels,
-                               data.num_classes if conditions else None)
+    options = dict(config.model.options)
+    if config.superres.low_res is not None:
+        options.update(superres_inputs(config, shape))
+        conditions += [c.to_json() for c in superres_conditions(config, shape)]
+    options = resolve_network(config.model.kind, options, shape, out_channels,
+                              data.num_classes if any(c["name"] == "label" for c in conditions) else None)
     return ModelSpec(config.model.kind, options, build_precond(config.diffusion, data).to_json(), shape,
                      IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance,
                      latent.to_json() if latent is not None else None)

@@ -98,10 +98,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.conditioning import ClassLabel
     from difflab.pipelines.ddpm import class_condition, load_model, sample, save_samples
 
-    loaded = load_model(args.checkpoint, args.weights, args.device)
-    options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
     if args.nrow is not None and args.nrow < 1 or args.scale < 1:
         raise DifflabError("--nrow and --scale must be at least 1")
+    if args.checkpoint.suffix in (".yaml", ".yml"):
+        return sample_cascade_file(args)
+    loaded = load_model(args.checkpoint, args.weights, args.device)
+    options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
     labels = None
     if args.class_label is not None:
         label = loaded.spec.condition_fields().get("label")
@@ -134,6 +136,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
         score = agreement(loaded.spec, hints, samples).mean().item()
         what = "1 - mean absolute difference of the sketches" if hint == "sketch" else f"F1 of the {hint} maps"
         print(f"agreement with the control images ({what}): {score:.3f}", file=sys.stderr)
+    return 0
+
+
+def sample_cascade_file(args: argparse.Namespace) -> int:
+    """``difflab sample CASCADE.yaml``: base, then every super-resolution stage (``difflab.pipelines.cascade``)."""
+    import torch
+
+    from difflab.pipelines.cascade import load_cascade, load_stages, sample_cascade
+    from difflab.pipelines.ddpm import class_condition, save_samples
+
+    config = load_cascade(args.checkpoint)
+    if args.aug_level is not None:
+        config.aug_level = args.aug_level
+    if args.truncated:
+        config.truncated = True
+    stages = load_stages(config, args.weights, args.device)
+    labels = None
+    if args.class_label is not None:
+        label = stages[0].spec.condition_fields().get("label")
+        if label is None:
+            raise DifflabError(f"--class: the cascade's base {stages[0].path} is not class-conditional")
+        labels = torch.full((args.n,), label.class_id(args.class_label), dtype=torch.long)
+    overrides = {k: v for k, v in sampling_overrides(args).items() if k != "seed"}
+    print(f"sampling {args.n} through {len(stages)} stages at augmentation level {config.aug_level:g}"
+          + (" (truncated)" if config.truncated else ""), file=sys.stderr)
+    outputs = sample_cascade(stages, args.n, config.aug_level, config.truncated, class_condition(labels), overrides,
+                             args.device, args.seed if args.seed is not None else 0)
+    for k, images in enumerate(outputs):
+        name = args.name if k == len(outputs) - 1 else f"{args.name}_stage{k}"
+        for path in save_samples(images, args.out, name, labels, columns=args.nrow, scale=args.scale,
+                                 each=args.each and k == len(outputs) - 1):
+            print(path)
     return 0
 
 
@@ -405,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_classifier.set_defaults(func=cmd_train_classifier)
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint")
-    sample.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")
+    sample.add_argument("checkpoint", type=Path, help="checkpoint file or run folder, or a cascade's YAML file")
     sample.add_argument("--n", type=int, default=64, help="number of samples")
     sample.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     sample.add_argument("--name", default="samples", help="file name stem for the .png and .npz")
@@ -423,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--mask", type=Path, default=None, metavar="PNG",
                         help="inpainting (RePaint): white pixels are generated, black ones kept exactly")
     sample.add_argument("--resample", type=int, default=5, help="RePaint: resampling steps per level (U)")
+    sample.add_argument("--aug-level", dest="aug_level", type=float, default=None,
+                        help="cascades: the noise-conditioning augmentation level in [0, 1) (default: the file's)")
+    sample.add_argument("--truncated", action="store_true",
+                        help="cascades: stop each stage's sampler at the augmentation level (truncated conditioning)")
     sample.add_argument("--control", type=Path, default=None, metavar="PNG|DIR",
                         help="ControlNet models: control image(s) as they are (e.g. white edges on black), used in "
                              "turn for the --n samples")

@@ -147,8 +147,46 @@ class ControlImage(Condition):
                                f"[0, 1], got {value.dtype} {tuple(value.shape)}")
 
 
+LOW_RES_FIELD, AUG_LEVEL_FIELD = "low_res", "aug_level"      # a super-resolution stage's conditions
+
+
+@dataclass(frozen=True)
+class LowResImage(Condition):
+    """A super-resolution stage's low-resolution image (B, channels, size, size) in [-1, 1] (Ho et al. 2021),
+    after its noise-conditioning augmentation; never dropped, kept in both passes of guidance."""
+    size: int = 0
+    channels: int = 1
+
+    kind = "low_res_image"
+    guided = False
+
+    def check(self, value: torch.Tensor) -> None:
+        if not value.dtype.is_floating_point or tuple(value.shape[1:]) != (self.channels, self.size, self.size):
+            raise DifflabError(f"condition {self.name!r}: expected (B, {self.channels}, {self.size}, {self.size}) "
+                               f"low-resolution images, got {value.dtype} {tuple(value.shape)}")
+
+
+@dataclass(frozen=True)
+class AugmentationLevel(Condition):
+    """The level a in [0, 1] of the noise-conditioning augmentation ``augmentation`` (gaussian | blur) of the
+    low-resolution image (``difflab.superres``); training draws a uniform in [0, max_level]."""
+    augmentation: str = "gaussian"
+    max_level: float = 0.5
+    max_blur: float = 1.0
+
+    kind = "augmentation_level"
+    guided = False
+
+    def check(self, value: torch.Tensor) -> None:
+        if not value.dtype.is_floating_point or value.ndim != 1 or (len(value) and not
+                                                                    0 <= float(value.min()) <= float(value.max()) <= 1):
+            raise DifflabError(f"condition {self.name!r}: expected a 1-D float tensor of levels in [0, 1], got "
+                               f"{value.dtype} {tuple(value.shape)}")
+
+
 CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel,
-                                               "control_image": ControlImage}
+                                               "control_image": ControlImage, "low_res_image": LowResImage,
+                                               "augmentation_level": AugmentationLevel}
 
 
 def condition_from_json(values: dict) -> Condition:

@@ -15,8 +15,8 @@ import yaml
 from difflab.errors import DifflabError
 from difflab.typed import from_dict, to_dict
 
-__all__ = ["Config", "ControlConfig", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig", "TrainConfig",
-           "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
+__all__ = ["Config", "ControlConfig", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig",
+           "SuperResConfig", "TrainConfig", "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
 
 
 @dataclass
@@ -24,7 +24,8 @@ class DataConfig:
     dataset: str = "fashion_mnist"      # fashion_mnist | folder | toy
     path: str | None = None             # Fashion-MNIST folder or image folder; None searches the defaults
     image_size: int = 32
-    resize: str = "pad"                 # pad | resize (28x28 Fashion-MNIST to image_size)
+    resize: str = "pad"                 # pad | resize | area (28x28 Fashion-MNIST to image_size; area: block means,
+    #                                     the downsampler of cascades)
     channels: int = 3                   # image folders: 1 (grey) or 3 (RGB)
     toy: str = "eight_gaussians"        # which 2-D set when dataset is toy
     num_points: int = 20000
@@ -198,6 +199,17 @@ class ControlConfig:
 
 
 @dataclass
+class SuperResConfig:
+    """A super-resolution stage of a cascade (Ho et al. 2021, "CDM"): a model of ``data.image_size`` images
+    conditioned on them downsampled to ``low_res`` (``difflab.superres.downsample``) and augmented by
+    ``augmentation`` at a level drawn per example, uniform in [0, max_level], which the model is told."""
+    low_res: int | None = None          # None: not a super-resolution model
+    augmentation: str = "gaussian"      # none | gaussian | blur (Gaussian blur of max_blur pixels at level 1)
+    max_level: float = 0.5
+    max_blur: float = 1.0
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -207,6 +219,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    superres: SuperResConfig = field(default_factory=SuperResConfig)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -288,6 +301,10 @@ RANGES: dict[str, tuple[Any, str]] = {
     "control.canny_sigma": (_non_negative, "at least 0"),
     "control.silhouette_threshold": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "control.sketch_factor": (_at_least_one, "at least 1"),
+    "superres.low_res": (lambda v: v >= 2, "at least 2"),
+    "superres.augmentation": (lambda v: v in ("none", "gaussian", "blur"), "none, gaussian or blur"),
+    "superres.max_level": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "superres.max_blur": (_positive, "positive"),
     "sample.batch_size": (_at_least_one, "at least 1"),
     "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),
     "sample.rho": (_positive, "positive"),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from difflab.data.base import InMemoryData
 from difflab.errors import DifflabError
+from difflab.superres import downsample
 
 DEBIAN_PATH = Path("/usr/share/datasets/fashion-mnist")
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "difflab" / "fashion-mnist"
@@ -97,7 +98,8 @@ def locate(split: str, path=None, allow_download: bool = False) -> tuple[Path, P
 
 
 def resize_images(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """uint8 (N, C, h, w) to (N, C, size, size): zero-pad around the centre, or resize (antialiased bilinear)."""
+    """uint8 (N, C, h, w) to (N, C, size, size): zero-pad around the centre, resize (antialiased bilinear), or
+    average blocks (``area``: the downsampler of cascades, for a base model of their low resolution)."""
     h, w = images.shape[-2:]
     if (h, w) == (size, size):
         return images
@@ -109,7 +111,11 @@ def resize_images(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if mode == "resize":
         out = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return out.round().clamp(0, 255).to(torch.uint8)
-    raise DifflabError(f"unknown resize mode {mode!r}; choose 'pad' or 'resize'")
+    if mode == "area":                      # a cascade's downsampler (difflab.superres.downsample): block means
+        if h % size or w % size:
+            raise DifflabError(f"data.resize 'area' averages whole blocks: {size} must divide {h}x{w}")
+        return downsample(images.float(), size).round().clamp(0, 255).to(torch.uint8)
+    raise DifflabError(f"unknown resize mode {mode!r}; choose 'pad', 'resize' or 'area'")
 
 
 def load_fashion_mnist(split: str = "train", path=None, image_size: int = 32, resize: str = "pad",

@@ -35,13 +35,22 @@ def fit_unet(config: UNetConfig, shape: tuple[int, ...], out_channels: int, clas
     levels = len(config.channel_mult)
     if levels < 1 or min(config.channel_mult) < 1 or config.model_channels < 1 or config.num_res_blocks < 1:
         raise DifflabError("model.unet: model_channels, num_res_blocks and every channel_mult must be at least 1")
-    if shape[1] % 2 ** (levels - 1):
-        raise DifflabError(f"model.unet: image size {shape[1]} must be divisible by 2^{levels - 1} = "
-                           f"{2 ** (levels - 1)} for {levels} levels of channel_mult (data.image_size)")
+    halvings = levels if config.downsample_first else levels - 1
+    if shape[1] % 2 ** halvings:
+        raise DifflabError(f"model.unet: image size {shape[1]} must be divisible by 2^{halvings} = "
+                           f"{2 ** halvings} for {levels} levels of channel_mult"
+                           + (" with downsample_first" if config.downsample_first else "") + " (data.image_size)")
+    if config.level_res_blocks is not None and (len(config.level_res_blocks) != levels
+                                                or min(config.level_res_blocks) < 1):
+        raise DifflabError(f"model.unet.level_res_blocks {list(config.level_res_blocks)}: one number of residual "
+                           f"blocks (at least 1) for each of the {levels} levels of channel_mult")
+    if config.low_res_channels < 0:
+        raise DifflabError(f"model.unet.low_res_channels {config.low_res_channels} must be at least 0")
     if config.num_head_channels is not None:
         # the widths with attention: the levels at attention_resolutions, and the middle block (the last level)
+        first = 1 if config.downsample_first else 0
         widths = sorted({mult * config.model_channels for level, mult in enumerate(config.channel_mult)
-                         if shape[1] // 2 ** level in config.attention_resolutions or level == levels - 1})
+                         if shape[1] // 2 ** (level + first) in config.attention_resolutions or level == levels - 1})
         if config.num_head_channels < 1 or any(width % config.num_head_channels for width in widths):
             raise DifflabError(f"model.unet.num_head_channels {config.num_head_channels} must divide the channels "
                                f"of every attention level, {widths}")

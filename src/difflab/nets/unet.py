@@ -28,6 +28,22 @@ that the default network is unchanged:
 - ``num_head_channels``: a fixed width per attention head, heads = channels / num_head_channels at each
   attention layer, instead of a fixed ``num_heads`` (ADM: 64 channels per head).
 
+Super-resolution (Saharia et al. 2021, "SR3"; Ho et al. 2021, "Cascaded Diffusion Models"): with
+``low_res_channels`` the network reads a low-resolution image ``cond["low_res"]`` (B, C, h, w), upsamples it
+bilinearly to the image size and concatenates it to its input; with ``augmentation_embedding`` it also reads the
+noise-conditioning augmentation level ``cond["aug_level"]`` (B,) in [0, 1] (absent: 0), whose own sinusoidal
+embedding and MLP are added to the time embedding (CDM, Sec. 4.1).
+
+Three switches of Imagen's Efficient U-Net (Saharia et al. 2022, App. B.1), each off by default:
+
+- ``level_res_blocks``: residual blocks per level, e.g. (1, 2, 4), instead of ``num_res_blocks`` at every level
+  (Imagen: more blocks at the low resolutions, where they are cheap, fewer at the high ones);
+- ``scale_skips``: the skip connections are multiplied by 1/sqrt(2) where the decoder concatenates them;
+- ``downsample_first``: every level of the encoder starts by downsampling (before its blocks) and every level of
+  the decoder ends by upsampling (after its blocks), so no residual block runs at the full resolution and the
+  input conv's output is not a skip connection (Imagen's DBlock / UBlock); the image size must be divisible by
+  2^levels.
+
 ``UNetEncoder`` is the down half (embedding, input conv, down stages, middle block); ``UNet`` adds the
 decoder to it, and the noise-aware classifier of ``difflab.nets.noisy_classifier`` an attention pool.
 """
@@ -66,6 +82,14 @@ class UNetConfig:
     resblock_updown: bool = False          # residual blocks do the up/downsampling (BigGAN). ADM: True
     rescale_residual: bool = False         # residual blocks return (skip + h) / sqrt(2). ADM: False (did not help)
     num_head_channels: int | None = None   # channels per attention head, overriding num_heads. ADM: 64
+    # Super-resolution stages of a cascade (SR3, CDM)
+    low_res_channels: int = 0              # > 0: cond["low_res"] upsampled and concatenated to the input
+    augmentation_embedding: bool = False   # cond["aug_level"] in [0, 1] embedded and added to the time embedding
+    # Efficient U-Net (Saharia et al. 2022, App. B.1)
+    level_res_blocks: tuple[int, ...] | None = None   # residual blocks per level, overriding num_res_blocks
+    scale_skips: bool = False              # skip connections times 1/sqrt(2) where the decoder concatenates them
+    downsample_first: bool = False         # each encoder level starts with its downsampling, each decoder level
+    #                                        ends with its upsampling (no blocks at the full resolution)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -86,6 +110,7 @@ def class_labels(cond: Mapping[str, torch.Tensor] | None, num_classes: int, batc
 
 # BigGAN / NCSN++ residual rescaling: (skip + h) / sqrt(2) keeps the sum's variance that of one branch.
 RESIDUAL_RESCALE = 1 / math.sqrt(2)
+AUG_LEVEL_SCALE = 1000.0     # the augmentation level in [0, 1] is embedded like a timestep in [0, 1000]
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -240,18 +265,25 @@ class UNetEncoder(nn.Module):
         self.context_dim = c.context_dim if c.context_dim is not None else emb_dim
         self.label_token = (nn.Embedding(c.num_classes + 1, self.context_dim)
                             if c.cross_attention and c.num_classes else None)
-        self.input_conv = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.aug_embed = (nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                          if c.augmentation_embedding else None)
+        self.input_conv = nn.Conv2d(c.in_channels + c.low_res_channels, ch, 3, padding=1)
 
-        # num_res_blocks stages per level, then a downsample; remember every output's channels for the skips.
+        # res_blocks(level) stages per level, with a downsample between levels (or, with downsample_first, at
+        # the start of every level); remember every output's channels for the skips.
         self.down = nn.ModuleList()
-        self.skip_channels = [ch]
+        self.skip_channels = [] if c.downsample_first else [ch]
         level_ch, resolution = ch, c.image_size
         for level, mult in enumerate(c.channel_mult):
-            for _ in range(c.num_res_blocks):
+            if c.downsample_first:
+                self.down.append(Stage(self.downsample(level_ch)))
+                self.skip_channels.append(level_ch)
+                resolution //= 2
+            for _ in range(self.res_blocks(level)):
                 self.down.append(self.stage(level_ch, mult * ch, resolution))
                 level_ch = mult * ch
                 self.skip_channels.append(level_ch)
-            if level != len(c.channel_mult) - 1:
+            if not c.downsample_first and level != len(c.channel_mult) - 1:
                 self.down.append(Stage(self.downsample(level_ch)))
                 self.skip_channels.append(level_ch)
                 resolution //= 2
@@ -259,6 +291,11 @@ class UNetEncoder(nn.Module):
 
         self.middle = Stage(self.res_block(level_ch, level_ch), self.attention(level_ch),
                             self.res_block(level_ch, level_ch))
+
+    def res_blocks(self, level: int) -> int:
+        """Residual blocks at ``level``: ``level_res_blocks[level]``, or ``num_res_blocks``."""
+        c = self.encoder_config
+        return c.level_res_blocks[level] if c.level_res_blocks is not None else c.num_res_blocks
 
     def res_block(self, in_ch: int, out_ch: int, resample: str | None = None) -> ResBlock:
         """A residual block with the config's dropout, groups and ``rescale_residual``."""
@@ -303,11 +340,27 @@ class UNetEncoder(nn.Module):
 
     def embed(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None, batch: int,
               device: torch.device) -> torch.Tensor:
-        """Timestep embedding, plus the class label's when class-conditional (no label: the null label)."""
-        emb = self.time_embed(timestep_embedding(t, self.encoder_config.model_channels))   # (B, 4ch)
+        """Timestep embedding, plus the class label's when class-conditional (no label: the null label) and the
+        augmentation level's (no level: 0)."""
+        ch = self.encoder_config.model_channels
+        emb = self.time_embed(timestep_embedding(t, ch))                               # (B, 4ch)
         if self.label_embed is not None:
             emb = emb + self.label_embed(class_labels(cond, self.encoder_config.num_classes, batch, device))
+        if self.aug_embed is not None:
+            level = cond.get("aug_level") if cond is not None else None
+            level = torch.zeros(batch, device=device) if level is None else level
+            emb = emb + self.aug_embed(timestep_embedding(AUG_LEVEL_SCALE * level, ch))
         return emb
+
+    def with_low_res(self, x: torch.Tensor, cond: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        """x with the upsampled low-resolution image concatenated (a super-resolution U-Net), else x."""
+        if not self.encoder_config.low_res_channels:
+            return x
+        low = cond.get("low_res") if cond is not None else None
+        if low is None:
+            raise ValueError("a super-resolution U-Net needs its low-resolution image, cond['low_res']")
+        up = F.interpolate(low.to(x.dtype), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return torch.cat([x, up], dim=1)
 
     def condition_tokens(self, cond: Mapping[str, torch.Tensor] | None, batch: int, device: torch.device
                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -335,10 +388,10 @@ class UNetEncoder(nn.Module):
         emb = self.embed(t, cond, x.shape[0], x.device)
         if tokens is None:
             tokens = self.condition_tokens(cond, x.shape[0], x.device)
-        h = self.input_conv(x)                                                       # (B, ch, H, W)
+        h = self.input_conv(self.with_low_res(x, cond))                              # (B, ch, H, W)
         if input_residual is not None:
             h = h + input_residual
-        skips = [h]
+        skips = [] if self.encoder_config.downsample_first else [h]
         for stage in self.down:
             h = self.run_stage(stage, h, emb, tokens)
             skips.append(h)
@@ -360,16 +413,18 @@ class UNet(UNetEncoder):
         ch, level_ch, resolution = c.model_channels, self.encoder_channels, self.encoder_resolution
         skip_channels = list(self.skip_channels)
 
-        # Decoder: num_res_blocks + 1 stages per level, each concatenating one skip; upsample between levels.
+        # Decoder: res_blocks(level) + 1 stages per level, each concatenating one skip; upsample between levels
+        # (with downsample_first: at the end of every level).
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
+            for i in range(self.res_blocks(level) + 1):
                 blocks = self.stage(level_ch + skip_channels.pop(), mult * ch, resolution)
                 level_ch = mult * ch
-                if level != 0 and i == c.num_res_blocks:
+                if i == self.res_blocks(level) and (level != 0 or c.downsample_first):
                     blocks.append(self.upsample(level_ch))
                     resolution *= 2
                 self.up.append(blocks)
+        self.skip_scale = RESIDUAL_RESCALE if c.scale_skips else None
 
         self.out_norm = group_norm(level_ch, c.groups)
         self.out_conv = zero_init(nn.Conv2d(level_ch, c.out_channels or c.in_channels, 3, padding=1))
@@ -378,7 +433,9 @@ class UNet(UNetEncoder):
     def consumes(self) -> tuple[str, ...]:
         """The condition fields this network reads."""
         label = ("label",) if self.label_embed is not None else ()
-        return label + (("context", "context_mask") if self.config.cross_attention else ())
+        superres = (("low_res",) if self.config.low_res_channels else ()) + \
+            (("aug_level",) if self.config.augmentation_embedding else ())
+        return label + superres + (("context", "context_mask") if self.config.cross_attention else ())
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         tokens = self.condition_tokens(cond, x.shape[0], x.device)      # (B, L, context_dim), (B, L) or None
@@ -390,5 +447,7 @@ class UNet(UNetEncoder):
         """The up half, from ``encode``'s outputs (a ControlNet adds its residuals to them first)."""
         skips = list(skips)
         for stage in self.up:
-            h = self.run_stage(stage, torch.cat([h, skips.pop()], dim=1), emb, tokens)
+            skip = skips.pop()
+            skip = skip * self.skip_scale if self.skip_scale is not None else skip
+            h = self.run_stage(stage, torch.cat([h, skip], dim=1), emb, tokens)
         return self.out_conv(F.silu(self.out_norm(h)))                               # (B, out, H, W)

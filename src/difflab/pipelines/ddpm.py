@@ -12,7 +12,7 @@ import torch
 
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
-from difflab.conditioning import CONTROL_FIELD, Cond
+from difflab.conditioning import CONTROL_FIELD, LOW_RES_FIELD, Cond
 from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
@@ -216,6 +216,9 @@ def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", laten
     if CONTROL_FIELD in spec.condition_fields():
         from difflab.pipelines.control import control_preview
         return control_preview(config, spec, device)
+    if LOW_RES_FIELD in spec.condition_fields():
+        from difflab.pipelines.cascade import superres_preview
+        return superres_preview(config, spec, device)
 
     def preview(denoiser: Denoiser, name: str) -> dict | None:
         n = config.train.num_sample_images if spec.is_image else 4000

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from difflab.build import build_data
-from difflab.conditioning import CONTROL_FIELD, Cond, ControlImage, condition_from_json
+from difflab.conditioning import CONTROL_FIELD, ControlImage, condition_from_json
 from difflab.config import Config, ControlConfig
 from difflab.data.hints import HintOptions, make_hints
 from difflab.denoiser import Denoiser
@@ -29,8 +29,8 @@ from difflab.errors import DifflabError
 from difflab.model import ModelSpec, denoiser_from_spec
 from difflab.nets.registry import resolve_network
 from difflab.train import distributed
-from difflab.train.batches import StepBatch
 from difflab.train.distributed import DistributedContext
+from difflab.train.objectives import DerivedConditions
 from difflab.train.teacher import Teacher, load_teacher
 from difflab.train.trainer import Trainer
 
@@ -66,24 +66,6 @@ def controlnet_spec(config: Config, base: Teacher) -> ModelSpec:
     return dataclasses.replace(base.spec, network="controlnet", network_options=resolved, conditions=conditions)
 
 
-class HintedObjective:
-    """An objective whose condition record also holds each example's control image, made from the example."""
-
-    def __init__(self, inner, options: HintOptions):
-        self.inner, self.options = inner, options
-        self.trained = inner.trained
-
-    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
-        hints = make_hints(x0, self.options)
-        cond = cond.replace(**{CONTROL_FIELD: hints}) if cond is not None else Cond({CONTROL_FIELD: hints})
-        return self.inner.draw(x0, cond, generator, step)
-
-    def __getattr__(self, name: str):          # loss, observe, state tensors: the inner objective's
-        if name in ("inner", "options", "trained"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
 def controlnet_trainer(config: Config, resume: bool | str | Path = False, progress: bool = True,
                        dist: DistributedContext | None = None,
                        preview: Callable[[ModelSpec], Callable[[Denoiser, str], None]] | None = None,
@@ -110,7 +92,9 @@ def controlnet_trainer(config: Config, resume: bool | str | Path = False, progre
     denoiser.net.base.load_state_dict(base.denoiser.net.state_dict())
     denoiser.net.copy_base_into_control()
     denoiser = denoiser.to(dist.device)
-    objective = HintedObjective(diffusion_objective(config, denoiser), HintOptions.of(config.control))
+    hint = HintOptions.of(config.control)
+    objective = DerivedConditions(diffusion_objective(config, denoiser),
+                                  lambda x0, generator: {CONTROL_FIELD: make_hints(x0, hint)})
     callback = preview(spec, None) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,

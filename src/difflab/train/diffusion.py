@@ -25,7 +25,8 @@ from difflab.train import distributed
 from difflab.train.distributed import DistributedContext
 from difflab.train.consistency import METHODS as CONSISTENCY_METHODS
 from difflab.train.consistency import ConsistencyObjective
-from difflab.train.objectives import DiffusionObjective, SlicedScoreObjective, diffusion_levels
+from difflab.train.objectives import (DerivedConditions, DiffusionObjective, SlicedScoreObjective, diffusion_levels,
+                                      superres_fields)
 from difflab.train.teacher import load_teacher
 from difflab.train.timesteps import TIMESTEP_SAMPLERS
 from difflab.train.trainer import Trainer
@@ -102,6 +103,9 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     denoiser, spec = build_model(config, data, latent)
     denoiser = denoiser.to(dist.device)
     objective = training_objective(config, denoiser, spec, dist.device)
+    r = config.superres
+    if r.low_res is not None:                    # a cascade's super-resolution stage (Ho et al. 2021)
+        objective = DerivedConditions(objective, superres_fields(r.low_res, r.augmentation, r.max_level, r.max_blur))
     callback = preview(spec, latent) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,

@@ -107,6 +107,43 @@ class SlicedScoreObjective(DiffusionObjective):
                             batch.projections)
 
 
+class DerivedConditions:
+    """An objective whose condition record also holds fields made from each step's examples: ``derive(x0,
+    generator)`` returns them (a ControlNet's control images, a super-resolution stage's augmented low-resolution
+    images and their levels), drawing from the step's generator before the inner objective does, so resume stays
+    exact."""
+
+    def __init__(self, inner, derive: Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]):
+        self.inner, self.derive = inner, derive
+        self.trained = inner.trained
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
+        fields = self.derive(x0, generator)
+        cond = cond.replace(**fields) if cond is not None else Cond(fields)
+        return self.inner.draw(x0, cond, generator, step)
+
+    def __getattr__(self, name: str):          # loss, observe, state tensors: the inner objective's
+        if name in ("inner", "derive", "trained"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def superres_fields(low_res: int, augmentation: str, max_level: float, max_blur: float):
+    """``derive`` for a super-resolution stage (Ho et al. 2021, Sec. 4.1): the examples downsampled to
+    ``low_res``, augmented at levels uniform in [0, max_level] (the level passed on as a condition)."""
+    from difflab.conditioning import AUG_LEVEL_FIELD, LOW_RES_FIELD
+    from difflab.superres import augment, downsample
+
+    def derive(x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        low = downsample(x0, low_res)
+        if augmentation == "none":
+            return {LOW_RES_FIELD: low}
+        level = torch.rand(x0.shape[0], generator=generator) * max_level
+        noise = torch.randn(low.shape, generator=generator) if augmentation == "gaussian" else None
+        return {LOW_RES_FIELD: augment(low, augmentation, level, noise, max_blur), AUG_LEVEL_FIELD: level}
+    return derive
+
+
 def dropped_conditions(cond: Cond | None, denoiser: Denoiser, generator: torch.Generator) -> Cond | None:
     """The fields of ``cond`` that ``denoiser`` consumes, each dropped to its null value as its condition
     describes (Ho & Salimans 2021); None when there are none."""
