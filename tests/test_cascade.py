@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from difflab.cli import main
-from difflab.conditioning import Cond
 from difflab.config import SampleConfig
 from difflab.denoiser import Denoiser, VPPrecond
 from difflab.model import ModelSpec
