@@ -237,3 +237,23 @@ def test_train_resume_and_sample_a_controlnet_from_the_command_line(tmp_path, cl
     assert main([*train, "--set", f"train.out_dir={tmp_path / 'x'}", "--set", "train.steps=1", "--set",
                  f"control.base={tmp_path / 'nothing'}"]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hint", ["silhouette", "sketch"])
+def test_silhouette_and_sketch_controlnets_train_and_sample(tmp_path, class_folders, hint):
+    data = ["--set", "data.dataset=folder", "--set", f"data.path={class_folders}", "--set", "data.channels=1",
+            "--set", "data.image_size=16", "--set", "train.max_minutes=null", "--set", "train.batch_size=8",
+            "--set", "train.num_sample_images=4", "--set", "sample.steps=2", "--quiet"]
+    unet = ["--set", "model.unet.model_channels=8", "--set", "model.unet.channel_mult=[1, 2]",
+            "--set", "model.unet.attention_resolutions=[]", "--set", "model.unet.num_heads=1"]
+    base, out = tmp_path / "base", tmp_path / hint
+    assert main(["train", "fashion_mnist", "--set", f"train.out_dir={base}", "--set", "train.steps=2", *unet,
+                 *data]) == 0
+    assert main(["train", "fmnist_controlnet", "--set", f"control.base={base}", "--set", f"control.hint={hint}",
+                 "--set", f"train.out_dir={out}", "--set", "train.steps=2", *data]) == 0
+    loaded = load_model(out)
+    assert loaded.spec.condition_fields()["control"].hint == hint and "label" not in loaded.spec.condition_fields()
+    samples = tmp_path / "samples"
+    assert main(["sample", str(out), "--n", "2", "--steps", "2", "--control-from", str(class_folders / "disc"),
+                 "--out", str(samples)]) == 0
+    assert (samples / "samples_pairs.png").is_file()
