@@ -72,6 +72,19 @@ class ClassifierFreeGuidance(DenoiserWrapper):
         return DenoiserOutput(d_u + (1 + self.w) * (d_c - d_u), variance)
 
 
+class ControlScaled(DenoiserWrapper):
+    """A ControlNet's D with its control residuals times ``scale`` (``cond["control_scale"]``, per row; the
+    "conditioning scale" of Zhang et al. 2023): 0 is the base model, 1 the model as trained."""
+
+    def __init__(self, inner: nn.Module, scale: float):
+        super().__init__(inner)
+        self.scale = float(scale)
+
+    def output(self, x: torch.Tensor, sigma: float | torch.Tensor, cond: Cond | None = None) -> DenoiserOutput:
+        scale = torch.full((x.shape[0],), self.scale, device=x.device)
+        return self.inner.output(x, sigma, (cond if cond is not None else Cond()).replace(control_scale=scale))
+
+
 def static_threshold(x0: torch.Tensor) -> torch.Tensor:
     return x0.clamp(-1, 1)
 

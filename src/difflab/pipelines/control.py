@@ -68,12 +68,9 @@ def control_images(spec: ModelSpec, path: str | Path, n: int, from_images: bool 
     return hints[torch.arange(n) % len(hints)]
 
 
-def with_control(cond: Cond | None, hints: torch.Tensor, scale: float | None = None) -> Cond:
-    """``cond`` with the control images (one row each) and, when given, their control scale."""
-    fields = {CONTROL_FIELD: hints}
-    if scale is not None:
-        fields["control_scale"] = torch.full((len(hints),), float(scale))
-    return cond.replace(**fields) if cond is not None else Cond(fields)
+def with_control(cond: Cond | None, hints: torch.Tensor) -> Cond:
+    """``cond`` with the control images, one row each (their scale is ``SampleConfig.control_scale``)."""
+    return cond.replace(**{CONTROL_FIELD: hints}) if cond is not None else Cond({CONTROL_FIELD: hints})
 
 
 def agreement(spec: ModelSpec, hints: torch.Tensor, samples: torch.Tensor, tolerance: int = 0) -> torch.Tensor:

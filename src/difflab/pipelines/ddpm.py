@@ -17,7 +17,7 @@ from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
 from difflab.errors import DifflabError
-from difflab.guidance import ClassifierFreeGuidance, Thresholded, dynamic_threshold, static_threshold
+from difflab.guidance import ClassifierFreeGuidance, ControlScaled, Thresholded, dynamic_threshold, static_threshold
 from difflab.imageio import save_grid, save_npz, save_scatter
 from difflab.latent import LatentSpace
 from difflab.model import ModelSpec, denoiser_from_spec
@@ -75,9 +75,10 @@ def guidance_classifier(options: SampleConfig, device: str):
 
 
 def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Cond | None, device: str = "cpu"):
-    """The denoiser with classifier-free guidance, classifier guidance and thresholding applied as the options
-    ask (in that order: the classifier sees the guided D; thresholds act last)."""
-    model = denoiser
+    """The denoiser with a ControlNet's control scale, classifier-free guidance, classifier guidance and
+    thresholding applied as the options ask (in that order: the classifier sees the guided D; thresholds act
+    last)."""
+    model = ControlScaled(denoiser, options.control_scale) if options.control_scale != 1 else denoiser
     if options.guidance:
         if not any(c.guided for c in denoiser.conditions.values()) or cond is None:
             raise DifflabError("guidance needs a conditional model and a condition (--class; a control image is "
@@ -162,8 +163,6 @@ def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: 
     latent model, its ``latent`` space). A latent model's samples are decoded to images (clipped to [-1, 1]
     only after decoding: latents are never clipped)."""
     plan = sampling_plan(loaded, options, cond, device, spec)
-    if options.control_scale != 1:                               # ControlNet: the residuals' scale, per sample
-        cond = cond.replace(control_scale=torch.full((n,), float(options.control_scale)))
     seeds = [options.seed + i for i in range(n)]
     samples = generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
                        batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
