@@ -34,6 +34,7 @@ from difflab.train.objectives import DerivedConditions
 from difflab.train.teacher import Teacher, load_teacher
 from difflab.train.trainer import Trainer
 
+
 def control_condition(control: ControlConfig) -> ControlImage:
     return ControlImage(CONTROL_FIELD, 0.0, 1, control.hint, control.canny_sigma, control.silhouette_threshold,
                         control.sketch_factor)
