@@ -63,3 +63,28 @@ def test_random_hflip_mirrors_about_half_of_the_images():
     flipped = (out != x).any(dim=(1, 2, 3))
     assert 420 < int(flipped.sum()) < 580 and torch.equal(out[flipped], x[flipped].flip(-1))
     assert torch.equal(out, random_hflip(x, torch.Generator().manual_seed(0)))
+
+
+def test_a_streamed_folder_gives_the_in_memory_batches_and_the_same_training(tmp_path):
+    from difflab.config import load_config
+    from difflab.data.folder import StreamedImageFolder
+    from difflab.train.diffusion import diffusion_trainer
+
+    images = class_folder(tmp_path / "images")
+    memory, streamed = load_image_folder(images, 8, 3), StreamedImageFolder(images, 8, 3)
+    assert (len(streamed), streamed.sample_shape, streamed.class_names, streamed.num_classes) == \
+        (len(memory), memory.sample_shape, memory.class_names, memory.num_classes)
+    indices = torch.tensor([5, 0, 7, 2, 2])
+    (x_m, y_m), (x_s, y_s) = memory.batch(indices), streamed.batch(indices)
+    assert torch.equal(x_m, x_s) and torch.equal(y_m, y_s)
+    overrides = ["data.dataset=folder", f"data.path={images}", "data.image_size=8", "data.channels=3",
+                 "data.conditional=true", "train.steps=3", "train.max_minutes=null", "train.batch_size=4",
+                 "model.unet.model_channels=8", "model.unet.channel_mult=[1]", "model.unet.attention_resolutions=[]",
+                 "model.unet.num_heads=1", "train.sample_every=1000000", "train.lr_schedule=constant"]
+    runs = []
+    for stream in ("false", "true"):
+        trainer = diffusion_trainer(load_config("configs/fashion_mnist.yaml", overrides + [
+            f"data.stream={stream}", f"train.out_dir={tmp_path / stream}"]), progress=False)
+        trainer.run()
+        runs.append(parameters(trainer))
+    assert_identical(*runs)

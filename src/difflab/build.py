@@ -10,6 +10,7 @@ import torch
 from difflab.conditioning import AUG_LEVEL_FIELD, LOW_RES_FIELD, AugmentationLevel, ClassLabel, LowResImage
 from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
+from difflab.data.folder import StreamedImageFolder
 from difflab.denoiser import ConsistencyPrecond, Denoiser, EDMPrecond, Precond, VPPrecond
 from difflab.errors import DifflabError
 from difflab.model import ModelSpec, denoiser_from_spec
@@ -22,11 +23,16 @@ IMAGE_RANGE = (-1.0, 1.0)         # InMemoryData scales pixels to [-1, 1]
 
 
 def build_data(config: DataConfig, split: str = "train") -> InMemoryData:
+    if config.stream and config.dataset != "folder":
+        raise DifflabError(f"data.stream reads image folders from disk batch by batch; data.dataset "
+                           f"{config.dataset!r} is held in memory (set data.stream: false)")
     if config.dataset == "fashion_mnist":
         return load_fashion_mnist(split, config.path, config.image_size, config.resize, config.download)
     if config.dataset == "folder":
         if not config.path:
             raise DifflabError("data.path must name the image folder when data.dataset is 'folder'")
+        if config.stream:
+            return StreamedImageFolder(config.path, config.image_size, config.channels)
         return load_image_folder(config.path, config.image_size, config.channels)
     if config.dataset == "toy":
         return load_toy(config.toy, config.num_points, seed=0 if split == "train" else 1)

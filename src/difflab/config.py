@@ -32,6 +32,7 @@ class DataConfig:
     download: bool = False
     conditional: bool = False           # train with class labels (Fashion-MNIST; image folders with class subfolders)
     hflip: bool = False                 # mirror training images left-right at random (half of them)
+    stream: bool = False                # image folders: read the images from disk for every batch (larger than RAM)
     autoencoder: str | None = None      # latent diffusion: a difflab autoencoder's run folder or checkpoint; the
     #                                     model trains on its scaled posterior samples (Rombach et al. 2022)
     cache_latents: bool = True          # keep the encoded data set beside the autoencoder (latents/)

@@ -47,7 +47,7 @@ from difflab.train.precision import Precision
 from difflab.train.run_folder import RunLock, check_occupied
 
 # Settings that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = {"name", "data.path", "data.download", "train.out_dir", "train.steps", "train.max_minutes",
+RESUMABLE_CHANGES = {"name", "data.path", "data.download", "data.stream", "train.out_dir", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.num_sample_images", "train.eval_samples", "train.csv_log", "train.device", "train.precision", "train.grad_accumulation",
                      "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
