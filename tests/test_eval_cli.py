@@ -129,3 +129,27 @@ def test_training_scores_its_previews_when_asked(tmp_path, cache_dir, capsys, mo
     assert main(["train", "configs/toy.yaml", "--set", f"train.out_dir={tmp_path / 'toy'}", "--set",
                  "train.eval_samples=12", "--set", "train.steps=1"]) == 2
     assert "train.eval_samples" in capsys.readouterr().err
+
+
+def test_eval_against_an_own_reference_folder(tmp_path, cache_dir, capsys):
+    """Samples that are the reference folder's own images score FID ~0; other images score worse."""
+    from PIL import Image
+
+    train = load_fashion_mnist("train", image_size=28)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in range(200):
+        Image.fromarray(train.data[i, 0].numpy()).save(folder / f"{i:03d}.png")
+    np.savez(tmp_path / "same.npz", images=train.data[:200].permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "other.npz", images=train.data[1000:1200].permute(0, 2, 3, 1).numpy())
+    for name in ("same", "other"):
+        assert run_eval(capsys, "--samples", tmp_path / f"{name}.npz", "--reference", folder,
+                        "--cache-dir", cache_dir)[0] == 0
+    same = json.loads((tmp_path / "same_eval.json").read_text())
+    other = json.loads((tmp_path / "other_eval.json").read_text())
+    assert same["metrics"]["fid"] < 1e-6 < other["metrics"]["fid"]
+    assert str(folder) in same["reference"]
+    assert "--reference" in one_line_error(capsys, "--samples", tmp_path / "same.npz", "--reference", folder,
+                                           "--nll", 3)
+    assert "Inception" in one_line_error(capsys, "--samples", tmp_path / "same.npz", "--inception-weights",
+                                         tmp_path / "missing.pth")

@@ -315,7 +315,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise DifflabError("--nll needs a checkpoint (bits/dim are a property of the model, not of samples)")
     if args.nll < 0:
         raise DifflabError(f"--nll {args.nll}: must be a number of test images >= 0")
-    options = EvalOptions(n=args.n, nll=args.nll, cache_dir=args.cache_dir)
+    if args.reference is not None and args.nll:
+        raise DifflabError("--nll scores Fashion-MNIST's test images; it cannot be combined with --reference")
+    options = EvalOptions(n=args.n, nll=args.nll, cache_dir=args.cache_dir, reference=args.reference,
+                          inception_weights=args.inception_weights)
     if args.samples is not None:
         report = evaluate_samples(args.samples, options)
     else:
@@ -506,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="report path (default: eval_<sampler>_<steps>steps_n<N>.json beside the checkpoint)")
     evaluate.add_argument("--save-samples", type=Path, default=None, metavar="FILE.npz",
                           help="also keep the drawn samples")
+    evaluate.add_argument("--reference", type=Path, default=None, metavar="DIR",
+                          help="score against the images of this folder instead of Fashion-MNIST's test set")
+    evaluate.add_argument("--inception-weights", dest="inception_weights", type=Path, default=None, metavar="FILE",
+                          help="the standard FID's Inception-v3 weights (pt_inception-2015-12-05 or torch-fidelity's; "
+                               "needs pytorch-fid or torch-fidelity) instead of the shipped Fashion-MNIST features")
     evaluate.add_argument("--cache-dir", type=Path, default=None,
                           help="reference statistics cache (default: $DIFFLAB_CACHE/stats or ~/.cache/difflab/stats)")
     evaluate.set_defaults(func=cmd_eval)

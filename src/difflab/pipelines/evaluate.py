@@ -9,6 +9,7 @@ Inception-Score-style score, class accuracy of conditional samples, and optional
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 import zipfile
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from difflab.config import Config, SampleConfig
-from difflab.data import load_fashion_mnist, to_uint8_images
+from difflab.data import load_fashion_mnist, load_image_folder, to_uint8_images
+from difflab.data.folder import folder_index
 from difflab.denoiser import VPPrecond
 from difflab.errors import DifflabError
 from difflab.files import write_text
@@ -27,6 +29,7 @@ from difflab.imageio import save_npz
 from difflab.metrics import (FeatureExtractor, class_accuracy, extract, gaussian_fit, inception_score, kid,
                              load_fmnist_classifier, precision_recall, reference_stats)
 from difflab.metrics.frechet import frechet_distance
+from difflab.metrics.inception import InceptionExtractor
 from difflab.metrics.likelihood import bits_per_dim
 from difflab.pipelines.ddpm import LoadedModel, class_condition, load_model, sample
 
@@ -45,6 +48,9 @@ class EvalOptions:
     seed: int = 0                           # subsets of KID and precision/recall
     cache_dir: str | Path | None = None     # reference statistics (default: difflab.metrics.default_cache_dir)
     progress: bool = True
+    reference: str | Path | None = None     # an image folder to score against, instead of Fashion-MNIST's test set
+    inception_weights: str | Path | None = None   # FID Inception-v3 weights (``metrics.inception``) instead of the
+    #                                               shipped Fashion-MNIST classifier's features
 
 
 # -- inputs ----------------------------------------------------------------------------------------------------
@@ -94,8 +100,21 @@ def draw_samples(loaded: LoadedModel, n: int, options: SampleConfig, device: str
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------
+def folder_reference(folder: str | Path, images: torch.Tensor, extractor: FeatureExtractor, options: EvalOptions):
+    """Statistics of an image folder's images at the samples' size and channels, cached under a digest of the
+    folder's file names, sizes and modification times (an edited folder gets new statistics)."""
+    files, _, _ = folder_index(folder)
+    digest = hashlib.sha256("|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files).encode())
+    size, channels = images.shape[-1], images.shape[1]
+    return reference_stats(f"folder-{digest.hexdigest()[:16]}", f"c{channels}", size, extractor,
+                           lambda: load_image_folder(folder, size, channels).data, options.cache_dir,
+                           options.batch_size, options.progress)
+
+
 def reference_for(images: torch.Tensor, extractor: FeatureExtractor, resize: str, options: EvalOptions):
     size = images.shape[-1]
+    if options.reference is not None:
+        return folder_reference(options.reference, images, extractor, options)
     if images.shape[1] != 1 or images.shape[-2] != size or size not in IMAGE_SIZES:
         raise DifflabError(f"Fashion-MNIST samples must be grey {IMAGE_SIZES[0]}x{IMAGE_SIZES[0]} or "
                            f"{IMAGE_SIZES[1]}x{IMAGE_SIZES[1]} images, got shape {tuple(images.shape[1:])} (C, H, W)")
@@ -110,7 +129,9 @@ def score_images(images: torch.Tensor, labels: torch.Tensor | None, options: Eva
     """FID, KID, precision/recall, IS-style score (and class accuracy given labels) of uint8 images."""
     if len(images) < 2 * PR_K:
         raise DifflabError(f"need at least {2 * PR_K} images to score, got {len(images)}")
-    extractor = extractor or load_fmnist_classifier()
+    if extractor is None:
+        extractor = (InceptionExtractor(options.inception_weights) if options.inception_weights
+                     else load_fmnist_classifier())
     reference = reference_for(images, extractor, resize, options)
     outputs = extract(extractor, images, options.batch_size, options.progress, what="samples")
     features = outputs["features"]
@@ -128,7 +149,7 @@ def score_images(images: torch.Tensor, labels: torch.Tensor | None, options: Eva
         if labels is not None:
             metrics["class_accuracy"] = class_accuracy(outputs["probs"], labels)
     return {"metrics": metrics, "n": len(images), "image_size": int(images.shape[-1]),
-            "features": extractor.name, "reference": f"{REFERENCE_DATASET}/{REFERENCE_SPLIT} "
+            "features": extractor.name, "reference": f"{options.reference or f'{REFERENCE_DATASET}/{REFERENCE_SPLIT}'} "
             f"({len(reference.features)} images)", **extractor_info(extractor)}
 
 
@@ -163,7 +184,8 @@ def evaluate(checkpoint: str | Path, options: EvalOptions | None = None, samplin
     None values keep the config's), or replaces it (a ``SampleConfig``)."""
     options = options or EvalOptions()
     loaded = load_model(checkpoint, weights, device)
-    check_fashion_mnist(loaded.config, loaded.path)
+    if options.reference is None:
+        check_fashion_mnist(loaded.config, loaded.path)
     if isinstance(sampling, SampleConfig):
         sample_options = sampling
     else:
