@@ -193,9 +193,17 @@ def run_report(args: argparse.Namespace) -> None:
                      str(result.get("half_way_step", ""))])
     table = markdown_table(["model", "edge F1, test hints", "F1 (1 px)", "edge F1, train hints", "FID", "FID / base",
                             "precision", "recall", "half-way step"], rows)
+    curves = {model: dict(result["curve"]) for model, result in results.items() if result.get("curve")}
+    steps = sorted({step for curve in curves.values() for step in curve})
+    curve_table = markdown_table(["step", *[f"{model} edge F1" for model in curves]],
+                                 [[str(step), *[f"{curve[step]:.3f}" if step in curve else "" for curve in curves.values()]]
+                                  for step in steps])
     write_results("fmnist_controlnet", {"results": results, "machine": machine_info(), "command": command_line()},
-                  "# ControlNet on Fashion-MNIST Canny edges\n\n" + (__doc__ or "") + "\n" + table + "\n")
+                  "# ControlNet on Fashion-MNIST Canny edges\n\n" + (__doc__ or "") + "\n" + table + "\n\n"
+                  "Edge F1 over training (128 other test images; the last row of each is its final step):\n\n"
+                  + curve_table + "\n")
     print(table)
+    print(curve_table)
 
 
 def main() -> None:
