@@ -99,15 +99,16 @@ def run_sweep(args: argparse.Namespace) -> None:
     reference, extractor = train_reference()
     levels = [float(v) for v in args.levels.split(",")] if args.levels else SWEEP_LEVELS
     path = RUNS / f"sweep_{args.model}{'_truncated' if args.truncated else ''}.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
     for level in levels:
         name = "sweep_" + variant(args.model, level, args.truncated)
         pairs, _ = draw_samples(lambda: cascade_draw(args.model, level, args.truncated, SWEEP_SEED),
                                 RUNS / "samples" / name, args.n, args.batch, name)
         features = extract(extractor, pairs[:, :1].contiguous(), progress=False)["features"]
-        results[f"{level:g}"] = frechet_distance(reference, gaussian_fit(features, "samples"))
-        print(json.dumps({"level": level, "fid_vs_train": results[f"{level:g}"]}), flush=True)
-        path.write_text(json.dumps(results, indent=1) + "\n")
+        fid = frechet_distance(reference, gaussian_fit(features, "samples"))
+        print(json.dumps({"level": level, "fid_vs_train": fid}), flush=True)
+        # read again before writing: two processes may sweep different levels of one model
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**results, f"{level:g}": fid}, indent=1) + "\n")
 
 
 def load_pairs(folder: Path) -> torch.Tensor | None:
@@ -115,13 +116,36 @@ def load_pairs(folder: Path) -> torch.Tensor | None:
     return torch.cat([torch.from_numpy(np.load(p)["images"]) for p in parts]) if parts else None
 
 
+def single_model() -> dict | None:
+    """The equal-budget single 28x28 model: its own evaluation if ``SINGLE`` is here, else the one recorded by
+    ``benchmarks/fmnist_latent.py`` (same preset, precision and budget, trained on this kind of machine)."""
+    own = SINGLE / "eval_n10000.json"
+    recorded = REPO / "benchmarks" / "results" / "fmnist_latent.json"
+    if own.is_file():
+        metrics, n, source = json.loads(own.read_text())["metrics"], 10000, str(own)
+    elif recorded.is_file():
+        entry = json.loads(recorded.read_text())["evals"]["pixel_unet"]
+        metrics, n, source = entry["metrics"], entry["n"], f"{recorded.relative_to(REPO)} (evals.pixel_unet)"
+    else:
+        return None
+    return {**{k: metrics[k] for k in ("fid", "kid", "precision", "recall")}, "n": n, "source": source}
+
+
+def training_record(run: Path) -> dict:
+    """Steps and images each stage trained in its budget (the last record of its metrics.jsonl)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    last = next((json.loads(line) for line in reversed(lines) if '"loss"' in line), {})
+    return {"steps": last.get("step"), "seconds": last.get("elapsed_s")}
+
+
 def run_report(args: argparse.Namespace) -> None:
     rows, results = [], {}
-    single_report = SINGLE / "eval_n10000.json"
-    single = json.loads(single_report.read_text())["metrics"] if single_report.is_file() else None
+    single = single_model()
     if single:
-        results["single_28x28"] = {"fid": single["fid"], "source": str(single_report)}
-        rows.append(["single 28x28 U-Net, 30 min", "", f"{single['fid']:.2f}", "", ""])
+        results["single_28x28"] = single
+        rows.append(["single 28x28 U-Net, 30 min", str(single["n"]), f"{single['fid']:.2f}",
+                     f"{single['precision']:.3f} / {single['recall']:.3f}", ""])
+    results["training"] = {name: training_record(RUNS / name) for name in MODELS if (RUNS / name).is_dir()}
     for folder in sorted((RUNS / "samples").glob("sr_*")):
         pairs = load_pairs(folder)
         if pairs is None or len(pairs) < 1000:
