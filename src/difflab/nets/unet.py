@@ -15,8 +15,8 @@ turns its label into one learned token appended to that sequence, as LDM's class
 embedding (ADM's) is kept as well, so the label reaches every residual block, not only the attention
 resolutions.
 
-Three switches of ADM's architecture study (Dhariwal & Nichol 2021, Sec. 3 and Table 1), each off by default so
-that the default network is unchanged:
+Four switches of ADM's architecture (Dhariwal & Nichol 2021, Sec. 3 and Table 1; openai/guided-diffusion
+``unet.py``), each off by default so that the default network is unchanged:
 
 - ``resblock_updown``: BigGAN's residual blocks for up- and downsampling (Brock et al. 2019; ADM's ``ResBlock``
   with ``up``/``down``): between levels a residual block replaces the strided / upsampling convolution, and
@@ -27,6 +27,11 @@ that the default network is unchanged:
   tried it and did not keep it. (Attention blocks are not rescaled.)
 - ``num_head_channels``: a fixed width per attention head, heads = channels / num_head_channels at each
   attention layer, instead of a fixed ``num_heads`` (ADM: 64 channels per head).
+- ``embedding_silu``: each residual block applies SiLU to the embedding before projecting it to its scale and
+  shift, as ADM's ``ResBlock`` does (``emb_layers = Sequential(SiLU(), linear(emb_channels, 2 * out_channels))``)
+  and diffusers' ``ResnetBlock2D`` (``time_emb_proj(nonlinearity(temb))``); off, the projection reads the
+  embedding as it is. The same parameters either way; a U-Net with it on can be exported to diffusers
+  (``difflab.pipelines.diffusers_export``).
 
 Super-resolution (Saharia et al. 2021, "SR3"; Ho et al. 2021, "Cascaded Diffusion Models"): with
 ``low_res_channels`` the network reads a low-resolution image ``cond["low_res"]`` (B, C, h, w), upsamples it
@@ -82,6 +87,7 @@ class UNetConfig:
     resblock_updown: bool = False          # residual blocks do the up/downsampling (BigGAN). ADM: True
     rescale_residual: bool = False         # residual blocks return (skip + h) / sqrt(2). ADM: False (did not help)
     num_head_channels: int | None = None   # channels per attention head, overriding num_heads. ADM: 64
+    embedding_silu: bool = False           # SiLU on the embedding before each block's scale-shift projection. ADM: True
     # Super-resolution stages of a cascade (SR3, CDM)
     low_res_channels: int = 0              # > 0: cond["low_res"] upsampled and concatenated to the input
     augmentation_embedding: bool = False   # cond["aug_level"] in [0, 1] embedded and added to the time embedding
@@ -146,13 +152,15 @@ class ResBlock(nn.Module):
     """GN-SiLU-conv, then adaptive GN (scale-shift from the embedding)-SiLU-dropout-conv(zero), plus skip.
 
     ``resample`` ("up" or "down"): a BigGAN block (ADM's ``ResBlock(up=True / down=True)``) that resamples h
-    after the first GN-SiLU and the skip input alike. ``rescale``: the output is (skip + h) / sqrt(2)."""
+    after the first GN-SiLU and the skip input alike. ``rescale``: the output is (skip + h) / sqrt(2).
+    ``embedding_silu``: the scale and shift are projected from SiLU(emb), as in ADM, instead of from emb."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int,
-                 resample: str | None = None, rescale: bool = False):
+                 resample: str | None = None, rescale: bool = False, embedding_silu: bool = False):
         super().__init__()
         self.resample = Resample(resample) if resample is not None else None
         self.rescale = rescale
+        self.embedding_silu = embedding_silu
         self.norm1 = group_norm(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
@@ -167,7 +175,7 @@ class ResBlock(nn.Module):
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)                 # (B, in, 2H, 2W) or (B, in, H/2, W/2)
         h = self.conv1(h)                                             # (B, out, H', W')
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = self.emb(F.silu(emb) if self.embedding_silu else emb)[:, :, None, None].chunk(2, dim=1)
         h = torch.addcmul(shift, self.norm2(h), 1 + scale)            # adaptive group norm
         h = self.conv2(self.dropout(F.silu(h, inplace=True)))
         h = h.add_(self.skip(x))                                      # in place: conv backward needs no output
@@ -298,9 +306,10 @@ class UNetEncoder(nn.Module):
         return c.level_res_blocks[level] if c.level_res_blocks is not None else c.num_res_blocks
 
     def res_block(self, in_ch: int, out_ch: int, resample: str | None = None) -> ResBlock:
-        """A residual block with the config's dropout, groups and ``rescale_residual``."""
+        """A residual block with the config's dropout, groups, ``rescale_residual`` and ``embedding_silu``."""
         c = self.encoder_config
-        return ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups, resample, c.rescale_residual)
+        return ResBlock(in_ch, out_ch, self.emb_dim, c.dropout, c.groups, resample, c.rescale_residual,
+                        c.embedding_silu)
 
     def downsample(self, channels: int) -> nn.Module:
         """Between levels: a stride-2 conv, or with ``resblock_updown`` a downsampling residual block (BigGAN)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -157,15 +158,17 @@ def sampling_plan(loaded: LoadedModel | Denoiser, options: SampleConfig, cond: C
 
 def sample(loaded: LoadedModel | Denoiser, n: int, options: SampleConfig, cond: Cond | None = None,
            device: str = "cpu", progress: bool = False, spec: ModelSpec | None = None,
-           latent: LatentSpace | None = None) -> torch.Tensor:
+           latent: LatentSpace | None = None, on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """n samples in the data's range ([-1, 1] for images), sample i seeded by ``options.seed + i``; ``cond``
     holds one row per sample. ``loaded`` is a ``LoadedModel``, or a denoiser with its ``spec`` (and, for a
     latent model, its ``latent`` space). A latent model's samples are decoded to images (clipped to [-1, 1]
-    only after decoding: latents are never clipped)."""
+    only after decoding: latents are never clipped). ``on_step(done, total)`` follows the sampler's steps
+    (``difflab.samplers.generate``)."""
     plan = sampling_plan(loaded, options, cond, device, spec)
     seeds = [options.seed + i for i in range(n)]
     samples = generate(plan.sampler, plan.model, plan.grid, plan.spec.sample_shape, seeds,
-                       batch_size=options.batch_size, cond=cond, device=device, progress=progress, **plan.kwargs)
+                       batch_size=options.batch_size, cond=cond, device=device, progress=progress,
+                       on_step=on_step, **plan.kwargs)
     latent = loaded.latent if isinstance(loaded, LoadedModel) else latent
     if plan.spec.is_latent:
         if latent is None:
