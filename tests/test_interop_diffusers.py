@@ -274,3 +274,13 @@ def test_embedding_silu_changes_only_the_projection_input():
         block.embedding_silu = False
         assert not torch.allclose(block(x, emb), expected)
     assert math.isfinite(expected.sum().item())
+
+
+def test_export_never_overwrites_a_folder_silently(tmp_path):
+    run = write_run(tmp_path / "run")
+    folder = export_diffusers(run, tmp_path / "export")
+    weights = (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(DifflabError, match="already holds files"):
+        export_diffusers(run, folder)
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert export_diffusers(run, folder, overwrite=True) == folder

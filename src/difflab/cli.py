@@ -273,7 +273,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     refused in one line naming the config field at fault."""
     from difflab.pipelines.diffusers_export import export_diffusers
 
-    print(export_diffusers(args.checkpoint, args.out, args.weights))
+    print(export_diffusers(args.checkpoint, args.out, args.weights, args.overwrite))
     return 0
 
 
@@ -518,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=None, help="the folder to write (default: RUN/diffusers)")
     export.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="the checkpoint's EMA weights or its raw model weights")
+    export.add_argument("--overwrite", action="store_true", help="replace the files of an existing export folder")
     export.set_defaults(func=cmd_export)
 
     info = sub.add_parser("info", help="describe a checkpoint")

@@ -290,9 +290,11 @@ def default_export_dir(run: str | Path) -> Path:
     return resolve(run).parent / "diffusers"
 
 
-def export_diffusers(run: str | Path, out: str | Path | None = None, weights: str = "ema") -> Path:
+def export_diffusers(run: str | Path, out: str | Path | None = None, weights: str = "ema",
+                     overwrite: bool = False) -> Path:
     """Write ``run``'s U-Net (EMA weights by default) as a diffusers folder (``out``, default RUN/diffusers);
-    returns the folder. A model that does not map is refused before anything is written."""
+    returns the folder. A model that does not map, or a folder that already holds files (unless
+    ``overwrite``), is refused before anything is written."""
     loaded = load_model(run, weights)
     spec, net = loaded.spec, loaded.denoiser.net
     config = exportable_unet(spec)
@@ -300,6 +302,8 @@ def export_diffusers(run: str | Path, out: str | Path | None = None, weights: st
     scheduler = scheduler_config(spec.precond, spec.data_range)
     tensors = unet2d_state_dict(net)
     out = Path(out) if out is not None else default_export_dir(run)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DifflabError(f"{out} already holds files; choose another --out or pass --overwrite")
     atomic_write(out / UNET_FOLDER / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     write_json(out / UNET_FOLDER / "config.json", unet)
     write_json(out / SCHEDULER_FOLDER / "scheduler_config.json", scheduler)
