@@ -2,7 +2,8 @@
 # Install difflab and what it needs on a fresh machine.
 #  - Fashion-MNIST from Debian's dataset-fashion-mnist (when run as root on Debian/Ubuntu and missing).
 #  - PyTorch only when none is importable (users with their own CUDA build keep it): the CPU build 2.13.0.
-#  - difflab itself, editable, with the test extra.
+#  - difflab itself, editable, with the test extra; k-diffusion for the adapter's cross-check, without its
+#    dependencies (its training stack would pull torchvision and a CUDA torch; the samplers need none of it).
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 
@@ -17,3 +18,4 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
 fi
 
 "$PYTHON" -m pip install -q -e ".[test]"
+"$PYTHON" -m pip install -q --no-deps "k-diffusion==0.1.1.post1"
