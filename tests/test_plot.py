@@ -62,3 +62,40 @@ def test_csv_log_beside_metrics_jsonl_keeps_its_columns_on_resume(tmp_path):
     jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [int(r["step"]) for r in rows] == [r["step"] for r in jsonl if "loss" in r] == [2, 4, 6]
     assert float(rows[-1]["loss"]) == pytest.approx(jsonl[-1]["loss"])
+
+
+def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
+    """train.tensorboard: every logged number reaches TensorBoard at its step, a resumed run included."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from difflab.cli import main
+
+    out = tmp_path / "toy"
+    args = ["train", "configs/toy.yaml", "--quiet", "--set", f"train.out_dir={out}", "--set", "train.tensorboard=true",
+            "--set", "train.log_every=2", "--set", "train.sample_every=1000"]
+    assert main([*args, "--set", "train.steps=4"]) == 0
+    assert main([*args, "--set", "train.steps=6", "--resume"]) == 0
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    scalars = {}
+    for events in sorted((out / "tensorboard").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    assert [step for step, _ in scalars["loss"]] == [r["step"] for r in jsonl] == [2, 4, 6]
+    for (_, value), record in zip(scalars["loss"], jsonl):
+        assert value == pytest.approx(record["loss"], rel=1e-6)
+    assert {"lr", "images_per_s"} <= set(scalars)
+
+
+def test_tensorboard_without_the_package_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from difflab.cli import main
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)        # import fails as if not installed
+    code = main(["train", "configs/toy.yaml", "--quiet", "--set", f"train.out_dir={tmp_path / 'toy'}",
+                 "--set", "train.tensorboard=true", "--set", "train.steps=2"])
+    assert code == 2
+    assert "pip install 'difflab[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "toy" / "model.safetensors").exists()

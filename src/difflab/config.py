@@ -106,6 +106,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50
     csv_log: bool = False                    # also write the log records to metrics.csv (and evals.csv)
+    tensorboard: bool = False                # also write them as TensorBoard scalars to RUN/tensorboard (extra)
     sample_every: int = 1000
     checkpoint_every: int = 1000
     keep_checkpoints: int = 0                # also keep the newest N milestones (EMA weights only) in milestones/

@@ -49,7 +49,7 @@ from difflab.train.run_folder import RunLock, check_occupied
 # Settings that may change when a run is resumed; any other difference is an error.
 RESUMABLE_CHANGES = {"name", "data.path", "data.download", "data.stream", "train.out_dir", "train.steps", "train.max_minutes",
                      "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.num_sample_images", "train.eval_samples", "train.csv_log", "train.device", "train.precision", "train.grad_accumulation",
+                     "train.num_sample_images", "train.eval_samples", "train.csv_log", "train.tensorboard", "train.device", "train.precision", "train.grad_accumulation",
                      "train.channels_last", "train.compile", "train.gradient_checkpointing", "train.nonfinite"}
 NONFINITE = ("stop", "skip")
 
@@ -116,6 +116,28 @@ def append_csv(path: Path, record: dict) -> None:
     append_line(path, ",".join("" if record.get(c) is None else str(record[c]) for c in columns))
 
 
+def summary_writer_class():
+    """torch's TensorBoard ``SummaryWriter``, or a clear error when the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DifflabError("train.tensorboard needs the tensorboard package: pip install 'difflab[tensorboard]'") from None
+    return SummaryWriter
+
+
+def tensorboard_writer(out_dir: Path):
+    """A ``SummaryWriter`` on RUN/tensorboard (a resumed run adds an event file beside the old one)."""
+    return summary_writer_class()(log_dir=str(out_dir / "tensorboard"))
+
+
+def write_scalars(writer, record: dict) -> None:
+    """A log record's numbers as TensorBoard scalars at its step."""
+    for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(key, value, record["step"])
+    writer.flush()
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -161,6 +183,9 @@ class Trainer:
         self.extra_state: dict = {}                  # saved in the checkpoint's state (e.g. test accuracies)
         self.mid_step = False                        # parameters, optimiser or EMA are being updated
         self.interrupt_requested = False             # Ctrl-C: stop at the next step boundary
+        self.tensorboard = None                      # train.tensorboard: its SummaryWriter, opened on first log
+        if getattr(t, "tensorboard", False):
+            summary_writer_class()                   # fail now, not at the first log record
         self.step = 0
         self.train_seconds = 0.0      # training time of the whole run, resumed invocations included
         self.invocation_start = time.perf_counter()
@@ -326,6 +351,10 @@ class Trainer:
             append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
             if getattr(self.train_config, "csv_log", False):
                 append_csv(self.out_dir / ("evals.csv" if "loss" not in record else "metrics.csv"), record)
+            if getattr(self.train_config, "tensorboard", False):
+                if self.tensorboard is None:
+                    self.tensorboard = tensorboard_writer(self.out_dir)
+                write_scalars(self.tensorboard, record)
 
     def stop_reason(self) -> str | None:
         """"interrupt" once Ctrl-C was pressed on any rank, "time" once the run's train.max_minutes of training
@@ -365,6 +394,9 @@ class Trainer:
         finally:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+                self.tensorboard = None
             if lock is not None:
                 lock.release()
 
