@@ -98,12 +98,16 @@ def run_report(args: argparse.Namespace) -> None:
     for name in MODELS:
         evals = sorted((RUNS / name).glob("eval_n*.json"))
         metrics = json.loads(evals[-1].read_text())["metrics"] if evals else {}
-        results[name] = {**timing.get(name, {}), **{k: metrics.get(k) for k in ("fid", "precision", "recall")}}
+        step = json.loads(evals[-1].read_text()).get("step") if evals else None
+        results[name] = {**timing.get(name, {}), **{k: metrics.get(k) for k in ("fid", "precision", "recall")},
+                         "training_steps": step}
         r = results[name]
         rows.append([name, f"{r.get('parameters', 0) / 1e6:.2f}M", f"{r.get('train_images_per_s', float('nan')):.1f}",
-                     f"{r.get('peak_rss_mib', float('nan')):.0f}",
-                     f"{r['fid']:.2f}" if r.get("fid") is not None else ""])
-    table = markdown_table(["U-Net", "parameters", "train images/s", "peak memory MiB", "FID, 10k"], rows)
+                     f"{r.get('peak_rss_mib', float('nan')):.0f}", str(step or ""),
+                     f"{r['fid']:.2f}" if r.get("fid") is not None else "",
+                     f"{r['precision']:.3f} / {r['recall']:.3f}" if r.get("fid") is not None else ""])
+    table = markdown_table(["U-Net", "parameters", "train images/s", "peak memory MiB", "steps in 30 min", "FID, 10k",
+                            "precision / recall"], rows)
     write_results("efficient_unet", {"results": results, "machine": machine_info(), "command": command_line()},
                   "# Efficient U-Net against the ADM U-Net\n\n" + (__doc__ or "") + "\n" + table + "\n")
     print(table)
