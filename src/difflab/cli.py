@@ -256,6 +256,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A web page to sample the runs (``difflab.pipelines.web_demo``), served until Ctrl-C."""
+    from difflab.pipelines.web_demo import demo_server
+
+    server = demo_server(args.runs, args.host, args.port, args.device)
+    print(f"serving {len(server.demo.runs)} run(s) on {args.device} at {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """The shipped experiment presets, each with the first line of its comment."""
     from difflab.presets import describe, presets, presets_dir
@@ -503,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     interp.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
     interp.add_argument("--name", default="interpolation", help="file name stem of the .png")
     interp.set_defaults(func=cmd_interpolate)
+
+    demo = sub.add_parser("demo", help="a web page to sample runs: pick sampler, steps, class, guidance, seed")
+    demo.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run folders or checkpoint files")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (0: a free one)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    demo.set_defaults(func=cmd_demo)
 
     presets = sub.add_parser("presets", help="list the shipped experiment presets (difflab train NAME)")
     presets.set_defaults(func=cmd_presets)
