@@ -137,3 +137,20 @@ def test_cross_attention_options_are_checked():
         with pytest.raises(DifflabError, match="model.unet"):
             resolve_network("unet", {**base, **bad}, (1, 8, 8), 1, None)
     assert resolve_network("unet", base, (1, 8, 8), 1, None)["transformer_depth"] == 1
+
+
+def test_pooled_embedding_reaches_the_time_embedding_only_when_configured():
+    """pooled_dim: cond["pooled"] is projected into the time embedding (GLIDE's last token, Imagen's pooled
+    text); without it the U-Net is the default one, and an absent vector adds nothing."""
+    torch.manual_seed(0)
+    net = perturb(small_unet(cross_attention=True, context_dim=12, pooled_dim=6))
+    assert "pooled" in net.consumes and "pooled" not in small_unet().consumes
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 500.0])
+    context = torch.randn(2, 5, 12)
+    pooled = torch.randn(2, 6)
+    with_pooled = net(x, t, Cond(context=context, pooled=pooled))
+    assert not torch.allclose(with_pooled, net(x, t, Cond(context=context, pooled=-pooled)))
+    with torch.no_grad():
+        net.pooled_embed.weight.zero_()
+        net.pooled_embed.bias.zero_()
+    torch.testing.assert_close(net(x, t, Cond(context=context, pooled=pooled)), net(x, t, Cond(context=context)))

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from difflab.conditioning import AUG_LEVEL_FIELD, LOW_RES_FIELD, AugmentationLevel, ClassLabel, LowResImage
+from difflab.conditioning import (AUG_LEVEL_FIELD, CAPTION_FIELD, LOW_RES_FIELD, AugmentationLevel, Caption, ClassLabel,
+                                  LowResImage)
 from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
+from difflab.data.base import CaptionedData
 from difflab.data.folder import StreamedImageFolder
 from difflab.denoiser import ConsistencyPrecond, Denoiser, EDMPrecond, Precond, VPPrecond
 from difflab.errors import DifflabError
@@ -17,12 +19,34 @@ from difflab.model import ModelSpec, denoiser_from_spec
 from difflab.nets.registry import resolve_network
 from difflab.schedules import NoiseSchedule
 
-DATASETS = ("fashion_mnist", "folder", "toy")
+DATASETS = ("fashion_mnist", "folder", "toy", "emoji")
 PRECONDS = ("vp", "edm", "consistency")
 IMAGE_RANGE = (-1.0, 1.0)         # InMemoryData scales pixels to [-1, 1]
 
 
+def build_captioned_data(config: DataConfig, split: str = "train") -> CaptionedData:
+    """Text-to-image data: Fashion-MNIST with its templated captions (``difflab.data.captions``), or the
+    captioned emoji set (``difflab.data.emoji_set``)."""
+    if config.dataset == "fashion_mnist":
+        from difflab.data.captions import load_captioned_fashion_mnist
+        loaded = load_captioned_fashion_mnist(split, config.path, config.image_size, config.resize,
+                                              held_out=config.held_out_captions)
+        name = "fashion_mnist_captions"
+    elif config.dataset == "emoji":
+        from difflab.data.emoji_set import load_emoji_set
+        loaded = load_emoji_set(split, config.image_size)
+        name = "emoji"
+    else:
+        raise DifflabError(f"data.captions: data set {config.dataset!r} has no captions; choose fashion_mnist or "
+                           f"emoji")
+    classes = tuple(loaded.class_names)
+    return CaptionedData(loaded.images, loaded.labels, len(classes) or None, name, classes,
+                         captions=tuple(loaded.captions))
+
+
 def build_data(config: DataConfig, split: str = "train") -> InMemoryData:
+    if config.captions or config.dataset == "emoji":
+        return build_captioned_data(config, split)
     if config.stream and config.dataset != "folder":
         raise DifflabError(f"data.stream reads image folders from disk batch by batch; data.dataset "
                            f"{config.dataset!r} is held in memory (set data.stream: false)")
@@ -104,6 +128,16 @@ def superres_inputs(config: Config, shape: tuple[int, ...]) -> dict:
     return {"low_res_channels": shape[0], "augmentation_embedding": r.augmentation != "none"}
 
 
+def caption_condition(text_unet_options: dict, dropout: float) -> Caption:
+    """The caption field of a text-to-image model: its length and the empty caption's tokens (the null
+    condition) in the model's tokenizer."""
+    from difflab.nets.text_encoder import text_encoder_from_json
+
+    encoder = text_encoder_from_json(dict(text_unet_options["text_encoder"]))
+    null = encoder.tokenize([""])[0]
+    return Caption(CAPTION_FIELD, dropout, len(null), tuple(int(i) for i in null))
+
+
 def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
     """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions;
     ``latent``: the ``LatentSpace`` the data are in (latent diffusion)."""
@@ -114,6 +148,10 @@ def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
             raise DifflabError(f"data.conditional: data set {data.name!r} has no class labels")
         conditions.append(ClassLabel("label", config.train.label_dropout, data.num_classes,
                                      tuple(data.class_names)).to_json())
+    text = config.model.kind == "text_unet"
+    if text != isinstance(data, CaptionedData):
+        raise DifflabError("text-to-image: model.kind 'text_unet' trains on captioned data (data.captions: true) and "
+                           "captioned data need model.kind 'text_unet'")
     out_channels = shape[0] * (2 if config.diffusion.learn_variance else 1)
     options = dict(config.model.options)
     if config.superres.low_res is not None:
@@ -121,6 +159,8 @@ def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
         conditions += [c.to_json() for c in superres_conditions(config, shape)]
     options = resolve_network(config.model.kind, options, shape, out_channels,
                               data.num_classes if any(c["name"] == "label" for c in conditions) else None)
+    if text:
+        conditions.append(caption_condition(options, config.train.caption_dropout).to_json())
     return ModelSpec(config.model.kind, options, build_precond(config.diffusion, data).to_json(), shape,
                      IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance,
                      latent.to_json() if latent is not None else None)

@@ -123,6 +123,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
           f"{options.sampler} sampler, " + (f"grid {', '.join(f'{v:g}' for v in options.sigmas)}" if options.sigmas
                                             else f"{options.steps} steps"), file=sys.stderr)
     cond, hints = class_condition(labels), None
+    if args.prompt:
+        from difflab.pipelines.text import prompt_condition, repeat_prompts
+
+        if labels is not None:
+            raise DifflabError("--prompt and --class: a text-to-image model takes the caption alone")
+        prompts = repeat_prompts(args.prompt, args.n)
+        cond = prompt_condition(loaded.denoiser, prompts)
+        print("prompts: " + " | ".join(args.prompt), file=sys.stderr)
     if args.control is not None or args.control_from is not None:
         cond, hints = control_condition(args, loaded, cond)
     if args.init_image is None:
@@ -482,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(sample)
     sample.add_argument("--class", dest="class_label", default=None,
                         help="class to sample: a number, or a name such as Sneaker (class-conditional models)")
+    sample.add_argument("--prompt", action="append", default=None,
+                        help="caption to sample (text-to-image models); repeat for several, taken in turn, so "
+                             "--nrow equal to their number gives one column per prompt; no prompt: the empty caption")
     sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
     sample.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
     sample.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")

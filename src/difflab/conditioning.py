@@ -184,15 +184,39 @@ class AugmentationLevel(Condition):
                                f"{value.dtype} {tuple(value.shape)}")
 
 
+CAPTION_FIELD = "caption"      # a text-to-image model's caption tokens
+
+
+@dataclass(frozen=True)
+class Caption(Condition):
+    """A caption as token ids (B, max_length), 0 = padding, in the tokenizer of the model's text encoder
+    (``difflab.nets.text_encoder``). The null value is the empty caption's tokens ``null_tokens``, stored with
+    the model so that training (caption dropout, GLIDE's 20%) and sampling (classifier-free guidance) use the
+    same one."""
+    max_length: int = 0
+    null_tokens: tuple[int, ...] = ()
+
+    kind = "caption"
+
+    def null_like(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.null_tokens, dtype=value.dtype, device=value.device).expand_as(value).clone()
+
+    def check(self, value: torch.Tensor) -> None:
+        if value.dtype.is_floating_point or value.ndim != 2 or value.shape[1] != self.max_length:
+            raise DifflabError(f"condition {self.name!r}: expected (B, {self.max_length}) integer caption tokens, "
+                               f"got {value.dtype} {tuple(value.shape)}")
+
+
 CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel,
                                                "control_image": ControlImage, "low_res_image": LowResImage,
-                                               "augmentation_level": AugmentationLevel}
+                                               "augmentation_level": AugmentationLevel, "caption": Caption}
 
 
 def condition_from_json(values: dict) -> Condition:
     values = dict(values)
-    if isinstance(values.get("names"), list):
-        values["names"] = tuple(values["names"])
+    for key in ("names", "null_tokens"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
     kind = values.pop("kind", None)
     if kind not in CONDITION_KINDS:
         raise DifflabError(f"unknown condition kind {kind!r}; known: {sorted(CONDITION_KINDS)}")

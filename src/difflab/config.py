@@ -21,7 +21,7 @@ __all__ = ["Config", "ControlConfig", "DataConfig", "DiffusionConfig", "DistillC
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"      # fashion_mnist | folder | toy
+    dataset: str = "fashion_mnist"      # fashion_mnist | folder | toy | emoji (captioned colour emoji, 32x32)
     path: str | None = None             # Fashion-MNIST folder or image folder; None searches the defaults
     image_size: int = 32
     resize: str = "pad"                 # pad | resize | area (28x28 Fashion-MNIST to image_size; area: block means,
@@ -31,6 +31,9 @@ class DataConfig:
     num_points: int = 20000
     download: bool = False
     conditional: bool = False           # train with class labels (Fashion-MNIST; image folders with class subfolders)
+    captions: bool = False              # train on captions (text-to-image, model.kind text_unet): Fashion-MNIST's
+    #                                     templated captions, or the emoji set's names (dataset: emoji)
+    held_out_captions: bool = False     # Fashion-MNIST: the held-out paraphrases instead (evaluation only)
     hflip: bool = False                 # mirror training images left-right at random (half of them)
     stream: bool = False                # image folders: read the images from disk for every batch (larger than RAM)
     autoencoder: str | None = None      # latent diffusion: a difflab autoencoder's run folder or checkpoint; the
@@ -95,6 +98,7 @@ class TrainConfig:
     ema_halflife_images: float = 500_000.0   # EMA half-life counted in training images (Karras et al. 2024)
     ema_rampup_ratio: float | None = 0.05    # half-life at most this fraction of images seen so far
     label_dropout: float = 0.1               # conditional models: probability of the null label (CFG)
+    caption_dropout: float = 0.2             # text-to-image: probability of the empty caption (CFG; GLIDE: 20%)
     loss: str = "simple"                     # simple | hybrid | vlb (Nichol & Dhariwal 2021, Sec. 3) | sliced
     #                                          (sliced score matching, Song et al. 2019, NCSN-weighted)
     sliced_projections: int = 1              # sliced: random projections v per example (M of Song et al. 2019)

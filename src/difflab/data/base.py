@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from difflab.conditioning import Cond
+from difflab.errors import DifflabError
+
 
 @dataclass
 class InMemoryData:
@@ -37,6 +40,25 @@ class InMemoryData:
         x = x.float() / 127.5 - 1.0 if self.is_image else x.float()
         y = self.labels[indices] if self.labels is not None else None
         return x, y
+
+
+@dataclass
+class CaptionedData(InMemoryData):
+    """Images with one caption each (text-to-image). ``tokens`` (N, max_length) are the captions in the model's
+    tokenizer (set once the model exists: ``tokenize``); batches carry them as the record's ``caption``. The
+    labels stay for evaluation (the caption's class), not as a condition."""
+    captions: tuple[str, ...] = ()
+    tokens: torch.Tensor | None = None
+
+    def tokenize(self, tokenizer) -> None:
+        """Tokenise every caption once, with ``tokenizer(list of str) -> (N, L) int64``."""
+        self.tokens = tokenizer(list(self.captions))
+
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None):
+        if self.tokens is None:
+            raise DifflabError("captioned data: tokenize the captions with the model's tokenizer first")
+        x, _ = super().batch(indices, generator)
+        return x, Cond(caption=self.tokens[indices])
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:

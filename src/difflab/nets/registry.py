@@ -18,6 +18,8 @@ from difflab.errors import DifflabError
 from difflab.nets.controlnet import ControlledUNet, ControlNetConfig
 from difflab.nets.dit import DIT_BLOCKS, DIT_PRESETS, DiT, DiTConfig, dit_sizes
 from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.text_encoder import text_encoder_from_json
+from difflab.nets.text_unet import TextUNet, TextUNetConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.typed import from_dict, to_dict
 
@@ -118,11 +120,25 @@ def fit_controlnet(config: ControlNetConfig, shape: tuple[int, ...], out_channel
     return config
 
 
+def fit_text_unet(config: TextUNetConfig, shape: tuple[int, ...], out_channels: int,
+                  classes: int | None) -> TextUNetConfig:
+    """The U-Net fitted to the data, with cross-attention over the text encoder's tokens and its pooled
+    embedding in the time embedding, both at the encoder's widths; the encoder's options written out."""
+    if classes:
+        raise DifflabError("model.kind 'text_unet' is conditioned on captions, not class labels: set "
+                           "data.conditional: false")
+    encoder = text_encoder_from_json(dict(config.text_encoder))
+    unet = from_dict(UNetConfig, dict(config.unet), "model.text_unet.unet.")
+    unet = dataclasses.replace(unet, cross_attention=True, context_dim=encoder.width, pooled_dim=encoder.pooled_width)
+    return TextUNetConfig(encoder.to_json(), to_dict(fit_unet(unet, shape, out_channels, None)))
+
+
 NETWORKS: dict[str, NetworkEntry] = {
     "unet": NetworkEntry(UNetConfig, UNet, fit_unet),
     "mlp": NetworkEntry(MLPConfig, MLP, fit_mlp),
     "dit": NetworkEntry(DiTConfig, DiT, fit_dit),
     "controlnet": NetworkEntry(ControlNetConfig, ControlledUNet, fit_controlnet),
+    "text_unet": NetworkEntry(TextUNetConfig, TextUNet, fit_text_unet),
 }
 
 

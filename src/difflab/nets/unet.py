@@ -83,6 +83,8 @@ class UNetConfig:
     cross_attention: bool = False          # SpatialTransformer (LDM) at the attention resolutions, over tokens
     context_dim: int | None = None         # width of the tokens cond["context"]; None: 4 * model_channels
     transformer_depth: int = 1             # transformer blocks in each SpatialTransformer
+    pooled_dim: int | None = None          # width of cond["pooled"] (a caption's pooled embedding), projected and
+    #                                        added to the time embedding (GLIDE, Imagen); None: none
     # Dhariwal & Nichol 2021, Sec. 3 and Table 1; the value after "ADM:" is their final architecture's.
     resblock_updown: bool = False          # residual blocks do the up/downsampling (BigGAN). ADM: True
     rescale_residual: bool = False         # residual blocks return (skip + h) / sqrt(2). ADM: False (did not help)
@@ -275,6 +277,7 @@ class UNetEncoder(nn.Module):
                             if c.cross_attention and c.num_classes else None)
         self.aug_embed = (nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                           if c.augmentation_embedding else None)
+        self.pooled_embed = nn.Linear(c.pooled_dim, emb_dim) if c.pooled_dim else None
         self.input_conv = nn.Conv2d(c.in_channels + c.low_res_channels, ch, 3, padding=1)
 
         # res_blocks(level) stages per level, with a downsample between levels (or, with downsample_first, at
@@ -349,8 +352,8 @@ class UNetEncoder(nn.Module):
 
     def embed(self, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None, batch: int,
               device: torch.device) -> torch.Tensor:
-        """Timestep embedding, plus the class label's when class-conditional (no label: the null label) and the
-        augmentation level's (no level: 0)."""
+        """Timestep embedding, plus the class label's when class-conditional (no label: the null label), the
+        augmentation level's (no level: 0) and a caption's pooled embedding's (none: nothing added)."""
         ch = self.encoder_config.model_channels
         emb = self.time_embed(timestep_embedding(t, ch))                               # (B, 4ch)
         if self.label_embed is not None:
@@ -359,6 +362,9 @@ class UNetEncoder(nn.Module):
             level = cond.get("aug_level") if cond is not None else None
             level = torch.zeros(batch, device=device) if level is None else level
             emb = emb + self.aug_embed(timestep_embedding(AUG_LEVEL_SCALE * level, ch))
+        pooled = cond.get("pooled") if cond is not None and self.pooled_embed is not None else None
+        if pooled is not None:                       # GLIDE: the text's last token; Imagen: its pooled embedding
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
         return emb
 
     def with_low_res(self, x: torch.Tensor, cond: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
@@ -444,7 +450,8 @@ class UNet(UNetEncoder):
         label = ("label",) if self.label_embed is not None else ()
         superres = (("low_res",) if self.config.low_res_channels else ()) + \
             (("aug_level",) if self.config.augmentation_embedding else ())
-        return label + superres + (("context", "context_mask") if self.config.cross_attention else ())
+        pooled = ("pooled",) if self.config.pooled_dim else ()
+        return label + superres + (("context", "context_mask") if self.config.cross_attention else ()) + pooled
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         tokens = self.condition_tokens(cond, x.shape[0], x.device)      # (B, L, context_dim), (B, L) or None

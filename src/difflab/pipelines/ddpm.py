@@ -13,7 +13,7 @@ import torch
 
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
-from difflab.conditioning import CONTROL_FIELD, LOW_RES_FIELD, Cond
+from difflab.conditioning import CAPTION_FIELD, CONTROL_FIELD, LOW_RES_FIELD, Cond
 from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
@@ -221,6 +221,9 @@ def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", laten
     if LOW_RES_FIELD in spec.condition_fields():
         from difflab.pipelines.cascade import superres_preview
         return superres_preview(config, spec, device)
+    if CAPTION_FIELD in spec.condition_fields():
+        from difflab.pipelines.text import text_preview
+        return text_preview(config, spec, device)
 
     def preview(denoiser: Denoiser, name: str) -> dict | None:
         n = config.train.num_sample_images if spec.is_image else 4000

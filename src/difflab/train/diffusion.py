@@ -17,6 +17,7 @@ import torch
 
 from difflab.build import build_data, build_latent_data, build_model
 from difflab.config import Config
+from difflab.data.base import CaptionedData
 from difflab.denoiser import Denoiser
 from difflab.errors import DifflabError
 from difflab.model import ModelSpec
@@ -101,6 +102,8 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     torch.manual_seed(config.train.seed)                         # initial weights, the same on every rank
     data, latent = build_latent_data(config.data) if config.data.autoencoder else (build_data(config.data), None)
     denoiser, spec = build_model(config, data, latent)
+    if isinstance(data, CaptionedData):          # text-to-image: the captions in the model's tokenizer, once
+        data.tokenize(denoiser.net.tokenize)
     denoiser = denoiser.to(dist.device)
     objective = training_objective(config, denoiser, spec, dist.device)
     r = config.superres
@@ -111,5 +114,15 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,
                       metadata={"model": spec.to_json()}, overwrite=overwrite,
                       frozen={"autoencoder": latent.autoencoder} if latent is not None else None)
+    if isinstance(data, CaptionedData):
+        encode_captions(denoiser.net, data, Path(config.train.out_dir))
     trainer.denoiser, trainer.spec = denoiser, spec
     return trainer
+
+
+def encode_captions(net, data: CaptionedData, out_dir: Path) -> None:
+    """A frozen text encoder (Imagen) encodes the data's distinct captions once, cached in
+    RUN/text_embeddings.safetensors; a jointly trained one (GLIDE) encodes them at every step."""
+    precompute = getattr(net.text_encoder, "precompute", None)
+    if precompute is not None:
+        precompute(torch.unique(data.tokens, dim=0), out_dir / "text_embeddings.safetensors")

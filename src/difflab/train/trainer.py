@@ -280,7 +280,8 @@ class Trainer:
         x0, y = self.data.batch(self.batches.indices(step), g)
         if getattr(self.config.data, "hflip", False) and x0.ndim == 4:
             x0 = random_hflip(x0, g)
-        return self.objective.draw(x0, Cond(label=y) if y is not None else None, g, step)
+        cond = y if isinstance(y, Cond) or y is None else Cond(label=y)         # a record (captions), or labels
+        return self.objective.draw(x0, cond, g, step)
 
     def micro_batch_loss(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The micro-batch's (importance-weighted) mean loss, each example's unweighted loss, and the
