@@ -85,7 +85,7 @@ def test_api_gives_the_cli_grid_and_names_the_field_of_bad_input(server, conditi
                         ({"class": "Hat"}, "class"), ({"class": 10}, "class"), ({"n": 65}, "n"),
                         ({"seed": -1}, "seed"), ({"guidance": -1}, "guidance"), ({"guidance": 2}, "guidance"),
                         ({"run": "elsewhere"}, "run"), ({"run": ["a"]}, "run"), ({"sampler": {}}, "sampler"),
-                        ({"colour": 1}, "colour"), ([1, 2], "body"), (b"{not json", "body")]:
+                        ({"colour": 1}, "colour"), ([1, 2], "body"), (b"{not json", "body"), ({"prompt": "a bag"}, "prompt")]:
         status, answer = post(server.url, body)
         assert status == 400 and answer["field"] == field and answer["error"].startswith(field + ":"), (body, answer)
 
@@ -149,3 +149,31 @@ def test_demo_command_on_a_missing_run_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(["demo", str(run), "--port", "0"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("difflab: error:") and str(run) in err and "\n" not in err
+
+
+def test_api_samples_a_text_to_image_run_from_a_prompt_as_the_cli_does(fake_fashion_mnist, tmp_path):  # noqa: F811
+    from test_text_to_image import TINY
+
+    run = tmp_path / "text"
+    assert main(["train", "fmnist_text_glide", "--quiet", "--set", f"data.path={fake_fashion_mnist}",
+                 "--set", f"train.out_dir={run}", *TINY]) == 0
+    server = demo_server([run], port=0, device="cpu")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(server.url + "api/models", timeout=10) as reply:
+            [described] = json.loads(reply.read())["runs"]
+        assert described["text"] and not described["conditional"]
+        status, result = post(server.url, {"prompt": "a dark ankle boot", "guidance": 2, "steps": 2, "seed": 3, "n": 4})
+        assert status == 200
+        expected = cli_grid(run, tmp_path / "cli", "--n", "4", "--steps", "2", "--seed", "3", "--guidance", "2",
+                            "--prompt", "a dark ankle boot")
+        assert same_pixels(decoded(result["image"]), expected)
+        for body, field in [({"prompt": 5}, "prompt"), ({"prompt": "x" * 301}, "prompt"), ({"guidance": 2}, "guidance"),
+                            ({"class": "Bag"}, "class")]:
+            status, answer = post(server.url, body)
+            assert status == 400 and answer["field"] == field, (body, answer)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -1,11 +1,11 @@
-"""A web demo of ``difflab sample``: one page to pick a run, sampler, steps, class, guidance, seed and number of
-images, and see the grid.
+"""A web demo of ``difflab sample``: one page to pick a run, sampler, steps, class or prompt, guidance, seed and
+number of images, and see the grid.
 
 A standard-library ``ThreadingHTTPServer`` (``difflab demo RUN ...``) serves
 
 - ``GET /``: the page (plain HTML, inline CSS and JavaScript, nothing fetched from elsewhere);
 - ``GET /api/models``: the runs (name, classes, defaults) and the samplers;
-- ``POST /api/sample``: JSON in (``run``, ``sampler``, ``steps``, ``class``, ``guidance``, ``seed``, ``n``; each
+- ``POST /api/sample``: JSON in (``run``, ``sampler``, ``steps``, ``class``, ``prompt``, ``guidance``, ``seed``, ``n``; each
   optional, defaulting to the run's ``sample`` section), JSON out: the grid as a PNG data URL, the seeds, the
   seconds taken.
 
@@ -36,14 +36,17 @@ from difflab.config import SampleConfig
 from difflab.data import to_uint8_images
 from difflab.errors import DifflabError
 from difflab.imageio import density_image, grid_picture
+from difflab.conditioning import Cond
 from difflab.pipelines.ddpm import LoadedModel, class_condition, load_model, sample
+from difflab.pipelines.text import is_text_model, prompt_condition
 from difflab.samplers import SAMPLERS
 
 MAX_IMAGES = 64                 # images per request
 MAX_STEPS = 1000
 MAX_SEED = 2 ** 53 - 1          # the largest integer a browser's JSON numbers hold exactly
 MAX_BODY_BYTES = 64 * 1024
-REQUEST_FIELDS = ("run", "sampler", "steps", "class", "guidance", "seed", "n")
+REQUEST_FIELDS = ("run", "sampler", "steps", "class", "prompt", "guidance", "seed", "n")
+MAX_PROMPT_CHARS = 300
 
 
 class BadRequest(DifflabError):
@@ -78,7 +81,7 @@ def describe_run(name: str, loaded: LoadedModel) -> dict:
     steps = defaults.steps if isinstance(defaults.steps, int) else sum(int(s) for s in defaults.steps.split(","))
     classes = class_names(loaded)
     return {"name": name, "step": loaded.step, "weights": loaded.weights, "conditional": bool(classes),
-            "classes": classes, "sampler": defaults.sampler, "steps": steps, "guidance": defaults.guidance,
+            "classes": classes, "text": is_text_model(loaded.spec), "sampler": defaults.sampler, "steps": steps, "guidance": defaults.guidance,
             "seed": defaults.seed}
 
 
@@ -90,6 +93,12 @@ class SampleRequest:
     options: SampleConfig          # the run's ``sample`` section with the request's sampler, steps, guidance, seed
     labels: torch.Tensor | None    # one class id per image, or None: no class (as ``difflab sample`` without --class)
     n: int
+    prompt: str | None = None      # a text-to-image run's caption (as ``difflab sample --prompt``)
+
+    def condition(self, loaded: LoadedModel) -> Cond | None:
+        if self.prompt is not None:
+            return prompt_condition(loaded.denoiser, [self.prompt] * self.n)
+        return class_condition(self.labels)
 
 
 def integer(body: dict, field: str, default: int, low: int, high: int) -> int:
@@ -122,6 +131,17 @@ def class_labels(loaded: LoadedModel, run: str, value, n: int) -> torch.Tensor |
         raise BadRequest("class", str(e)) from None
 
 
+def caption(loaded: LoadedModel, run: str, value) -> str | None:
+    """The prompt of a text-to-image run; None for none (the empty caption)."""
+    if value is None or value == "":
+        return None
+    if not is_text_model(loaded.spec):
+        raise BadRequest("prompt", f"{run} is not a text-to-image run")
+    if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
+        raise BadRequest("prompt", f"must be a caption of at most {MAX_PROMPT_CHARS} characters")
+    return value
+
+
 def parse_request(body, runs: dict[str, LoadedModel]) -> SampleRequest:
     """The request's options, each checked, with the run's defaults for those it leaves out."""
     if not isinstance(body, dict):
@@ -138,13 +158,15 @@ def parse_request(body, runs: dict[str, LoadedModel]) -> SampleRequest:
         raise BadRequest("sampler", f"unknown sampler {sampler!r} (known: {', '.join(sorted(SAMPLERS))})")
     n = integer(body, "n", 16, 1, MAX_IMAGES)
     labels = class_labels(loaded, run, body.get("class"), n)
+    prompt = caption(loaded, run, body.get("prompt"))
     guidance = guidance_weight(body, defaults["guidance"])
-    if guidance and labels is None:
-        raise BadRequest("guidance", "classifier-free guidance needs a class-conditional run and a class")
+    if guidance and labels is None and prompt is None:
+        raise BadRequest("guidance", "classifier-free guidance needs a class (class-conditional run) or a prompt "
+                                     "(text-to-image run)")
     steps = integer(body, "steps", 1, 1, MAX_STEPS) if "steps" in body else loaded.config.sample.steps   # maybe "10,20"
     options = dataclasses.replace(loaded.config.sample, sampler=sampler, guidance=guidance, steps=steps,
                                   seed=integer(body, "seed", defaults["seed"], 0, MAX_SEED))
-    return SampleRequest(run, options, labels, n)
+    return SampleRequest(run, options, labels, n, prompt)
 
 
 # -- sampling --------------------------------------------------------------------------------------------------
@@ -173,8 +195,8 @@ class Demo:
         request = parse_request(body, self.runs)
         with self.sampling:
             start = time.perf_counter()
-            samples = sample(self.runs[request.run], request.n, request.options, class_condition(request.labels),
-                             self.device)
+            loaded = self.runs[request.run]
+            samples = sample(loaded, request.n, request.options, request.condition(loaded), self.device)
             png = grid_png(samples)
             seconds = time.perf_counter() - start
         seed = request.options.seed
@@ -285,6 +307,7 @@ PAGE = """<!doctype html>
   <label for="sampler">sampler</label> <select id="sampler"></select>
   <label for="steps">steps</label> <input id="steps" type="number" min="1" value="18">
   <label for="class">class</label> <select id="class"></select>
+  <label for="prompt">prompt</label> <input id="prompt" type="text" maxlength="300" placeholder="a dark ankle boot">
   <label for="guidance">guidance w</label> <input id="guidance" type="number" min="0" step="0.1" value="0">
   <label for="seed">seed</label> <input id="seed" type="number" min="0" value="0">
   <label for="n">images</label> <input id="n" type="number" min="1" value="16">
@@ -319,7 +342,8 @@ function chooseRun() {
   addOption($("class"), "", run.conditional ? "any (no class)" : "unconditional");
   run.classes.forEach((name, i) => addOption($("class"), String(i), name === String(i) ? name : i + ": " + name));
   $("class").disabled = !run.conditional;
-  $("guidance").disabled = !run.conditional;
+  $("prompt").disabled = !run.text;
+  $("guidance").disabled = !(run.conditional || run.text);
 }
 
 async function loadModels() {
@@ -341,7 +365,8 @@ async function loadModels() {
 async function generate(event) {
   event.preventDefault();
   const request = {run: $("run").value, sampler: $("sampler").value, steps: Number($("steps").value),
-                   class: $("class").value || null, guidance: $("guidance").disabled ? 0 : Number($("guidance").value),
+                   class: $("class").value || null, prompt: $("prompt").disabled ? null : $("prompt").value || null,
+                   guidance: $("guidance").disabled ? 0 : Number($("guidance").value),
                    seed: Number($("seed").value), n: Number($("n").value)};
   $("generate").disabled = true;
   showStatus("generating...", false);
