@@ -127,7 +127,7 @@ def fit_text_unet(config: TextUNetConfig, shape: tuple[int, ...], out_channels: 
     if classes:
         raise DifflabError("model.kind 'text_unet' is conditioned on captions, not class labels: set "
                            "data.conditional: false")
-    encoder = text_encoder_from_json(dict(config.text_encoder))
+    encoder = text_encoder_from_json(dict(config.text_encoder), "model.text_unet.text_encoder.")
     unet = from_dict(UNetConfig, dict(config.unet), "model.text_unet.unet.")
     unet = dataclasses.replace(unet, cross_attention=True, context_dim=encoder.width, pooled_dim=encoder.pooled_width)
     return TextUNetConfig(encoder.to_json(), to_dict(fit_unet(unet, shape, out_channels, None)))
