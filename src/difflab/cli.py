@@ -110,6 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         loaded = load_model(args.checkpoint, args.weights, args.device)
     options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
+    guide = guidance_clip(args)
     labels = None
     if args.class_label is not None:
         label = loaded.spec.condition_fields().get("label")
@@ -124,13 +125,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                             else f"{options.steps} steps"), file=sys.stderr)
     cond, hints = class_condition(labels), None
     if args.prompt:
-        from difflab.pipelines.text import prompt_condition, repeat_prompts
+        from difflab.pipelines.text import is_text_model, prompt_condition, repeat_prompts
 
         if labels is not None:
             raise DifflabError("--prompt and --class: a text-to-image model takes the caption alone")
         prompts = repeat_prompts(args.prompt, args.n)
-        cond = prompt_condition(loaded.denoiser, prompts)
+        if args.clip is None or is_text_model(loaded.spec):        # CLIP guidance alone may steer any model
+            cond = prompt_condition(loaded.denoiser, prompts)
         print("prompts: " + " | ".join(args.prompt), file=sys.stderr)
+    if guide is not None:
+        loaded, cond = clip_guided(args, loaded, cond, guide, prompts)
     if args.control is not None or args.control_from is not None:
         cond, hints = control_condition(args, loaded, cond)
     if args.init_image is None:
@@ -151,6 +155,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
         what = "1 - mean absolute difference of the sketches" if hint == "sketch" else f"F1 of the {hint} maps"
         print(f"agreement with the control images ({what}): {score:.3f}", file=sys.stderr)
     return 0
+
+
+def guidance_clip(args: argparse.Namespace):
+    """``--clip RUN_OR_FILE``: the noise-aware CLIP on the device and the preconditioning of its training inputs
+    (x_t, t of its schedule), checked and loaded before anything is sampled; None without ``--clip``."""
+    from difflab.build import build_schedule
+    from difflab.denoiser import VPPrecond
+    from difflab.train.clip import load_noisy_clip
+
+    if args.clip is None:
+        if args.clip_scale is not None:
+            raise DifflabError("--clip-scale: CLIP guidance needs a noise-aware CLIP (--clip RUN_OR_FILE)")
+        return None
+    if not args.prompt:
+        raise DifflabError("--clip: CLIP guidance needs a caption to guide towards (--prompt TEXT)")
+    clip, diffusion_config = load_noisy_clip(args.clip)
+    return clip.to(args.device), VPPrecond(build_schedule(diffusion_config))
+
+
+def clip_guided(args: argparse.Namespace, loaded, cond, guide, prompts: list[str]):
+    """The model wrapped in CLIP guidance (GLIDE) towards ``prompts`` (one per sample), which the record carries
+    in the CLIP's own tokens; classifier-free guidance (``--guidance``) is applied around it."""
+    from difflab.clip_guidance import ClipGuidance, with_clip_tokens
+
+    clip, clip_precond = guide
+    scale = 1.0 if args.clip_scale is None else args.clip_scale
+    print(f"CLIP guidance with {args.clip} at scale {scale:g}", file=sys.stderr)
+    guided = ClipGuidance(loaded.denoiser, clip, clip_precond, scale)
+    return dataclasses.replace(loaded, denoiser=guided), with_clip_tokens(cond, clip, prompts)
 
 
 def sample_cascade_file(args: argparse.Namespace) -> int:
@@ -253,6 +286,21 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
                                         resume=args.resume, overwrite=args.overwrite)
     print(f"trained the noise-aware classifier to step {result.step} (stopped by {result.stopped_by}); "
           f"test accuracy by timestep {json.dumps(result.accuracy)}; {result.checkpoint}")
+    return 0
+
+
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from difflab.presets import resolve_config
+    from difflab.train.clip import train_clip_from_yaml
+
+    result = train_clip_from_yaml(resolve_config(args.config), args.set, progress=not args.quiet,
+                                  resume=args.resume, overwrite=args.overwrite)
+    e = result.evaluation
+    scores = (f"test image->caption top-1 among {e['captions']} captions by timestep "
+              f"{json.dumps(e['retrieval_top1'])}, caption-class accuracy {json.dumps(e['class_accuracy'])}; "
+              if e else "")
+    print(f"trained the noise-aware CLIP to step {result.step} (stopped by {result.stopped_by}); {scores}"
+          f"{result.checkpoint}")
     return 0
 
 
@@ -479,6 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
     train_classifier.add_argument("--quiet", action="store_true", help="no progress bar")
     train_classifier.set_defaults(func=cmd_train_classifier)
 
+    train_clip = sub.add_parser("train-clip", help="train a noise-aware CLIP (image and caption embeddings of "
+                                                   "x_t) for CLIP guidance")
+    train_clip.add_argument("config", metavar="CONFIG", help="experiment YAML file or preset name (fmnist_clip)")
+    train_clip.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                            help="override a config value (repeatable)")
+    train_clip.add_argument("--resume", action="store_true",
+                            help="continue exactly from the run's CLIP file; fails if missing")
+    train_clip.add_argument("--overwrite", action="store_true",
+                            help="start afresh in an out_dir that already holds a CLIP")
+    train_clip.add_argument("--quiet", action="store_true", help="no progress bar")
+    train_clip.set_defaults(func=cmd_train_clip)
+
     sample = sub.add_parser("sample", help="draw samples from a checkpoint")
     sample.add_argument("checkpoint", type=Path, nargs="?",
                         help="checkpoint file or run folder, or a cascade's YAML file")
@@ -493,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", default=None,
                         help="caption to sample (text-to-image models); repeat for several, taken in turn, so "
                              "--nrow equal to their number gives one column per prompt; no prompt: the empty caption")
+    sample.add_argument("--clip", default=None, metavar="RUN_OR_FILE",
+                        help="noise-aware CLIP (difflab train-clip) for CLIP guidance towards the --prompt captions "
+                             "(GLIDE); combines with --guidance")
+    sample.add_argument("--clip-scale", dest="clip_scale", type=float, default=None,
+                        help="CLIP guidance gradient scale s (default: 1 with --clip; 0: unguided)")
     sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
     sample.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
     sample.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")

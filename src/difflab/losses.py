@@ -25,6 +25,9 @@ min(SNR, gamma) c_out^2 makes the x0-loss weight min(SNR, gamma) whatever the ne
 
 L_vlb is in bits per dimension (per-dimension mean / ln 2), as in the paper's code, so lambda keeps the
 paper's meaning: lambda * T * L_t(bits/dim) balances L_simple (a per-dimension mean).
+
+Not a denoiser's loss, but one per example too: ``contrastive_loss``, CLIP's symmetric InfoNCE over a batch's
+image-caption logits (Radford et al. 2021, Fig. 3), which trains the noise-aware CLIP (``train.objectives``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from difflab import diffusion
@@ -209,3 +213,30 @@ def check_loss(name: str, denoiser: Denoiser) -> None:
     """The bound's terms need a discrete schedule."""
     if name in ("vlb", "hybrid") and not isinstance(denoiser.precond, VPPrecond):
         raise DifflabError(f"train.loss {name!r} needs a discrete schedule (diffusion.precond: vp)")
+
+
+# -- contrastive: CLIP's loss ------------------------------------------------------------------------------------
+def same_caption(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: rows i and j hold identical token sequences (the same caption)."""
+    return (tokens[:, None, :] == tokens[None, :, :]).all(dim=-1)
+
+
+def contrastive_loss(logits: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy (Radford et al. 2021, Fig. 3: (CE(logits, labels, axis=0) + CE(logits,
+    labels, axis=1)) / 2) for the (B, B) logits of image i against caption j, one value per example: the mean of
+    image i's cross-entropy over the captions and caption i's over the images.
+
+    ``positives`` (B, B) bool marks the pairs that match; by default only i = j (CLIP's labels = arange(B)).
+    With templated captions a batch often holds the same caption twice, and one-hot targets would count the
+    image's own caption, in its copy j, as a negative (an aim no model can reach). Passing ``positives =
+    same_caption(tokens)`` makes the targets soft, uniform over the matching captions (image side) and over the
+    images with that caption (caption side): the cross-entropy with q_ij = positives_ij / sum_j positives_ij.
+    Its minimum is the targets' entropy (log k for k copies), not 0; without duplicates it is CLIP's loss."""
+    logits = full_precision(logits)
+    if positives is None:
+        positives = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+    image_targets = positives.to(logits.dtype) / positives.sum(dim=1, keepdim=True)      # rows: over captions
+    text_targets = positives.T.to(logits.dtype) / positives.T.sum(dim=1, keepdim=True)   # rows: over images
+    image_to_text = -(image_targets * F.log_softmax(logits, dim=1)).sum(dim=1)          # (B,)
+    text_to_image = -(text_targets * F.log_softmax(logits.T, dim=1)).sum(dim=1)         # (B,)
+    return (image_to_text + text_to_image) / 2

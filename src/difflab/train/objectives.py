@@ -13,6 +13,8 @@ importance sampler's history) is in ``state_tensors``.
   for sliced score matching (``losses.sliced_loss``; Song et al. 2019), drawn from the step's generator too.
 - ``NoisyClassifierObjective``: cross-entropy of a noise-aware classifier p(y | x_t, t) on x_t ~ q(x_t | x_0)
   with uniform t on the schedule of the model it will guide (Dhariwal & Nichol 2021, Sec. 4.1).
+- ``NoisyCLIPObjective``: CLIP's contrastive loss (``losses.contrastive_loss``) of a noise-aware CLIP on the
+  same x_t (GLIDE, Nichol et al. 2022, Sec. 2.4), some rows clean so that it is also a clean-image CLIP.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import nn
 from difflab import diffusion
 from difflab.conditioning import Cond, drop_conditions
 from difflab.denoiser import Denoiser, VPPrecond
-from difflab.losses import PROJECTIONS, projection_vectors, sliced_loss
+from difflab.losses import PROJECTIONS, contrastive_loss, projection_vectors, same_caption, sliced_loss
 from difflab.schedules import NoiseSchedule
 from difflab.train.batches import StepBatch
 from difflab.train.timesteps import LogNormalSigmas, UniformTimesteps
@@ -178,3 +180,35 @@ class NoisyClassifierObjective:
         labels = batch.cond["label"]
         accuracy = (logits.argmax(1) == labels).float().mean().item()
         return F.cross_entropy(logits.float(), labels, reduction="none"), {"accuracy": accuracy}
+
+
+class NoisyCLIPObjective:
+    """Contrastive loss of ``clip(x_t, t, caption tokens)``: t uniform on ``schedule``, x_t = q_sample(x_0, t),
+    except a ``clean_fraction`` of the rows (each row by its own draw), which see x_0 itself at t = 0 (the
+    schedule's sigma_0 is below a pixel's quantisation step, so t = 0 means "clean" for both). Rows with
+    identical captions are each other's positives (``losses.same_caption``: soft targets).
+
+    The batch is the contrastive batch: the loop's micro-batch (``train.grad_accumulation``) or, with several
+    ranks, each rank's shard would be a smaller one, so the CLIP trainer runs one process, one micro-batch."""
+
+    def __init__(self, clip: nn.Module, schedule: NoiseSchedule, clean_fraction: float = 0.25):
+        if not 0 <= clean_fraction <= 1:
+            raise ValueError(f"clean_fraction must lie in [0, 1], got {clean_fraction}")
+        self.trained, self.schedule, self.clean_fraction = clip, schedule, clean_fraction
+
+    def draw(self, x0: torch.Tensor, cond: Cond | None, generator: torch.Generator, step: int = 0) -> StepBatch:
+        """Timesteps, then noise, then which rows are clean, all from ``generator``."""
+        t = torch.randint(0, len(self.schedule), (x0.shape[0],), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        clean = torch.rand(x0.shape[0], generator=generator) < self.clean_fraction
+        return StepBatch({"x0": x0, "t": torch.where(clean, 0, t), "noise": noise, "clean": clean}, cond)
+
+    def loss(self, batch: StepBatch, forward: nn.Module) -> tuple[torch.Tensor, dict]:
+        xt = diffusion.q_sample(self.schedule, batch.x0, batch.t, batch.noise)
+        xt = torch.where(batch.clean.reshape(-1, *([1] * (xt.ndim - 1))), batch.x0, xt)
+        tokens = batch.cond["caption"]                                             # (B, L), the CLIP's tokens
+        logits = forward(xt, batch.t, tokens)                                      # (B, B) image i, caption j
+        positives = same_caption(tokens)
+        top1 = positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean().item()
+        return contrastive_loss(logits, positives), {"accuracy": top1,
+                                                     "logit_scale": self.trained.logit_multiplier().item()}
