@@ -194,6 +194,26 @@ def test_classifier_free_guidance_around_clip_guidance_adds_the_correction_once(
     torch.testing.assert_close(both, cfg + correction, rtol=1e-4, atol=1e-3)
 
 
+def test_sampling_applies_clip_guidance_outside_classifier_free_guidance(monkeypatch):
+    """``pipelines.ddpm.guided``: the CLIP's gradient is taken once, on the guided batch (not on CFG's doubled
+    one), and the result is CFG plus the correction; without the CLIP's tokens it refuses in one line."""
+    from types import SimpleNamespace
+
+    from difflab.config import SampleConfig
+    from difflab.errors import DifflabError
+    from difflab.pipelines import ddpm
+
+    clip, denoiser, x, sigma, _, cond = guidance_setup()
+    monkeypatch.setattr(ddpm, "guidance_clip", lambda options, device: (clip, VPPrecond(SCHEDULE)))
+    spec, options = SimpleNamespace(data_range=None), SampleConfig(guidance=2.0, clip="clip", clip_scale=0.5)
+    model = ddpm.guided(denoiser, spec, options, cond)
+    assert isinstance(model, ClipGuidance) and isinstance(model.inner, ClassifierFreeGuidance)
+    inner_order = ClassifierFreeGuidance(ClipGuidance(denoiser, clip, VPPrecond(SCHEDULE), 0.5), 2.0)
+    torch.testing.assert_close(model(x, sigma, cond), inner_order(x, sigma, cond), rtol=1e-4, atol=1e-3)
+    with pytest.raises(DifflabError, match="CLIP's tokens"):
+        ddpm.guided(denoiser, spec, options, Cond(caption=cond[CAPTION_FIELD]))
+
+
 # -- training, files and the command line -------------------------------------------------------------------------
 TINY = ["--set", "train.steps=3", "--set", "train.max_minutes=null", "--set", "train.batch_size=8",
         "--set", "train.log_every=1", "--set", "train.checkpoint_every=2", "--set", "clip.model_channels=8",

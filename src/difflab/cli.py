@@ -110,7 +110,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         loaded = load_model(args.checkpoint, args.weights, args.device)
     options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
-    guide = guidance_clip(args)
+    options = clip_options(args, options)
     labels = None
     if args.class_label is not None:
         label = loaded.spec.condition_fields().get("label")
@@ -130,11 +130,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if labels is not None:
             raise DifflabError("--prompt and --class: a text-to-image model takes the caption alone")
         prompts = repeat_prompts(args.prompt, args.n)
-        if args.clip is None or is_text_model(loaded.spec):        # CLIP guidance alone may steer any model
+        if not options.clip_scale or is_text_model(loaded.spec):    # CLIP guidance alone may steer any model
             cond = prompt_condition(loaded.denoiser, prompts)
         print("prompts: " + " | ".join(args.prompt), file=sys.stderr)
-    if guide is not None:
-        loaded, cond = clip_guided(args, loaded, cond, guide, prompts)
+    if options.clip_scale:
+        from difflab.clip_guidance import with_clip_tokens
+        from difflab.train.clip import load_noisy_clip
+
+        cond = with_clip_tokens(cond, load_noisy_clip(options.clip)[0], prompts)
     if args.control is not None or args.control_from is not None:
         cond, hints = control_condition(args, loaded, cond)
     if args.init_image is None:
@@ -157,33 +160,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def guidance_clip(args: argparse.Namespace):
-    """``--clip RUN_OR_FILE``: the noise-aware CLIP on the device and the preconditioning of its training inputs
-    (x_t, t of its schedule), checked and loaded before anything is sampled; None without ``--clip``."""
-    from difflab.build import build_schedule
-    from difflab.denoiser import VPPrecond
-    from difflab.train.clip import load_noisy_clip
-
-    if args.clip is None:
-        if args.clip_scale is not None:
-            raise DifflabError("--clip-scale: CLIP guidance needs a noise-aware CLIP (--clip RUN_OR_FILE)")
-        return None
-    if not args.prompt:
+def clip_options(args: argparse.Namespace, options):
+    """``--clip RUN_OR_FILE [--clip-scale S]`` (scale 1 when only --clip is given), checked before anything is
+    loaded or sampled: CLIP guidance needs the captions to guide towards."""
+    if args.clip is not None and args.clip_scale is None:
+        options = dataclasses.replace(options, clip_scale=1.0)
+    if args.clip_scale is not None and args.clip is None and not options.clip:
+        raise DifflabError("--clip-scale: CLIP guidance needs a noise-aware CLIP (--clip RUN_OR_FILE)")
+    if options.clip_scale and not args.prompt:
         raise DifflabError("--clip: CLIP guidance needs a caption to guide towards (--prompt TEXT)")
-    clip, diffusion_config = load_noisy_clip(args.clip)
-    return clip.to(args.device), VPPrecond(build_schedule(diffusion_config))
-
-
-def clip_guided(args: argparse.Namespace, loaded, cond, guide, prompts: list[str]):
-    """The model wrapped in CLIP guidance (GLIDE) towards ``prompts`` (one per sample), which the record carries
-    in the CLIP's own tokens; classifier-free guidance (``--guidance``) is applied around it."""
-    from difflab.clip_guidance import ClipGuidance, with_clip_tokens
-
-    clip, clip_precond = guide
-    scale = 1.0 if args.clip_scale is None else args.clip_scale
-    print(f"CLIP guidance with {args.clip} at scale {scale:g}", file=sys.stderr)
-    guided = ClipGuidance(loaded.denoiser, clip, clip_precond, scale)
-    return dataclasses.replace(loaded, denoiser=guided), with_clip_tokens(cond, clip, prompts)
+    if options.clip_scale:
+        from difflab.train.clip import read_noisy_clip
+        read_noisy_clip(options.clip)                        # a missing or foreign file fails here, in one line
+        print(f"CLIP guidance with {options.clip} at scale {options.clip_scale:g}", file=sys.stderr)
+    return options
 
 
 def sample_cascade_file(args: argparse.Namespace) -> int:
@@ -417,7 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 SAMPLING_OPTIONS = ("sampler", "steps", "spacing", "sigmas", "eta", "variance", "seed", "batch_size", "guidance",
                     "sigma_min", "sigma_max", "langevin_steps", "step_size", "snr", "classifier",
-                    "classifier_scale", "control_scale")
+                    "classifier_scale", "clip", "clip_scale", "control_scale")
 THRESHOLDS = {"none": {"clip_x0": False, "dynamic_threshold": None},
               "static": {"clip_x0": True, "dynamic_threshold": None},
               "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}
@@ -464,6 +454,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="noise-aware classifier (difflab train-classifier) for classifier guidance")
     parser.add_argument("--classifier-scale", type=float, default=None,
                         help="classifier guidance gradient scale s (Dhariwal & Nichol 2021)")
+    parser.add_argument("--clip", default=None, metavar="RUN_OR_FILE",
+                        help="noise-aware CLIP (difflab train-clip) for CLIP guidance towards the --prompt captions "
+                             "(GLIDE); combines with --guidance")
+    parser.add_argument("--clip-scale", dest="clip_scale", type=float, default=None,
+                        help="CLIP guidance gradient scale s (default: 1 with --clip; 0: unguided)")
     parser.add_argument("--threshold", choices=sorted(THRESHOLDS), default=None,
                         help="x0 thresholding: static clip to [-1, 1], dynamic (p = 0.995), or none")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
@@ -553,11 +548,6 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", default=None,
                         help="caption to sample (text-to-image models); repeat for several, taken in turn, so "
                              "--nrow equal to their number gives one column per prompt; no prompt: the empty caption")
-    sample.add_argument("--clip", default=None, metavar="RUN_OR_FILE",
-                        help="noise-aware CLIP (difflab train-clip) for CLIP guidance towards the --prompt captions "
-                             "(GLIDE); combines with --guidance")
-    sample.add_argument("--clip-scale", dest="clip_scale", type=float, default=None,
-                        help="CLIP guidance gradient scale s (default: 1 with --clip; 0: unguided)")
     sample.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
     sample.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
     sample.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")

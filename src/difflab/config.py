@@ -155,6 +155,8 @@ class SampleConfig:
     dynamic_threshold: float | None = None   # percentile p of Saharia et al. 2022 (replaces clip_x0 when set)
     classifier: str | None = None       # noise-aware classifier file for classifier guidance (difflab train-classifier)
     classifier_scale: float = 0.0       # its gradient scale s (Dhariwal & Nichol 2021, Alg. 1 and 2)
+    clip: str | None = None             # noise-aware CLIP file or run for CLIP guidance (difflab train-clip)
+    clip_scale: float = 0.0             # its gradient scale s (GLIDE, Nichol et al. 2022, Sec. 2.4); needs prompts
 
 
 @dataclass

@@ -13,6 +13,7 @@ import torch
 
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
+from difflab.clip_guidance import CLIP_TOKENS_FIELD, ClipGuidance
 from difflab.conditioning import CAPTION_FIELD, CONTROL_FIELD, LOW_RES_FIELD, Cond
 from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
@@ -75,10 +76,22 @@ def guidance_classifier(options: SampleConfig, device: str):
     return classifier.to(device), VPPrecond(build_schedule(diffusion_config), diffusion_config.prediction)
 
 
+def guidance_clip(options: SampleConfig, device: str):
+    """The noise-aware CLIP of ``options.clip`` and the preconditioning of its training inputs (x_t and integer t
+    of the VP schedule it was trained on)."""
+    from difflab.build import build_schedule
+    from difflab.train.clip import load_noisy_clip
+
+    if not options.clip:
+        raise DifflabError("CLIP guidance (clip_scale) needs a noise-aware CLIP (--clip RUN_OR_FILE)")
+    clip, diffusion_config = load_noisy_clip(options.clip)
+    return clip.to(device), VPPrecond(build_schedule(diffusion_config), diffusion_config.prediction)
+
+
 def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Cond | None, device: str = "cpu"):
-    """The denoiser with a ControlNet's control scale, classifier-free guidance, classifier guidance and
-    thresholding applied as the options ask (in that order: the classifier sees the guided D; thresholds act
-    last)."""
+    """The denoiser with a ControlNet's control scale, classifier-free guidance, classifier guidance, CLIP
+    guidance and thresholding applied as the options ask (in that order: the gradient guides see the guided D and
+    run on the batch once; thresholds act last)."""
     model = ControlScaled(denoiser, options.control_scale) if options.control_scale != 1 else denoiser
     if options.guidance:
         if not any(c.guided for c in denoiser.conditions.values()) or cond is None:
@@ -90,6 +103,12 @@ def guided(denoiser: Denoiser, spec: ModelSpec, options: SampleConfig, cond: Con
             raise DifflabError("classifier guidance needs class labels (--class)")
         classifier, classifier_precond = guidance_classifier(options, device)
         model = ClassifierGuidance(model, classifier, classifier_precond, options.classifier_scale)
+    if options.clip_scale:
+        if cond is None or CLIP_TOKENS_FIELD not in cond:
+            raise DifflabError("CLIP guidance needs the captions in the CLIP's tokens (--prompt; "
+                               "clip_guidance.with_clip_tokens)")
+        clip, clip_precond = guidance_clip(options, device)
+        model = ClipGuidance(model, clip, clip_precond, options.clip_scale)
     if spec.data_range is not None:                  # pixels: thresholds apply; latents and points are not clipped
         if options.dynamic_threshold is not None:
             model = Thresholded(model, functools.partial(dynamic_threshold, percentile=options.dynamic_threshold))
