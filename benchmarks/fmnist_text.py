@@ -8,10 +8,12 @@ paraphrases (names and templates never seen in training, "running shoe" for snea
 model gets the image's label instead. FID against the test set with the shipped classifier's features, that
 classifier's accuracy on the caption's class, and the attribute check of ``difflab.data.captions``
 (``caption_agreement``: the share of captions whose stated brightness / fill / pattern the sample's measured
-attribute matches; the test images themselves against shuffled captions give the chance level).
+attribute matches; the test images themselves against shuffled captions give the chance level). Every model
+is sampled alike: the presets' Heun sampler, static clipping of x0 unless ``--threshold dynamic`` (Imagen's,
+p = 0.995) is asked for.
 
     python benchmarks/fmnist_text.py train glide              # and minilm, classcond: two at a time
-    python benchmarks/fmnist_text.py sample glide --guidance 2 [--held-out] [--n 10000]
+    python benchmarks/fmnist_text.py sample glide --guidance 2 [--held-out] [--n 10000] [--threshold dynamic]
     python benchmarks/fmnist_text.py report
 """
 
@@ -67,7 +69,9 @@ def run_sample(args: argparse.Namespace) -> None:
     captions, labels, _ = test_prompts(args.n, args.held_out)
     cond = (class_condition(labels) if args.model == "classcond"
             else prompt_condition(loaded.denoiser, captions))
-    options = dataclasses.replace(loaded.config.sample, guidance=args.guidance, seed=10 ** 6)
+    threshold = {"static": {"clip_x0": True, "dynamic_threshold": None},
+                 "dynamic": {"clip_x0": False, "dynamic_threshold": 0.995}}[args.threshold]
+    options = dataclasses.replace(loaded.config.sample, guidance=args.guidance, seed=10 ** 6, **threshold)
     start = time.perf_counter()
     images = to_uint8_images(sample(loaded, args.n, options, cond, progress=True))
     seconds = time.perf_counter() - start
@@ -78,7 +82,8 @@ def run_sample(args: argparse.Namespace) -> None:
               "fid": scored["metrics"]["fid"], "class_accuracy": scored["metrics"]["class_accuracy"],
               "precision": scored["metrics"]["precision"], "recall": scored["metrics"]["recall"],
               "attribute_agreement": caption_agreement(images, captions) if args.model != "classcond" else None}
-    out = RUNS / args.model / f"eval_w{args.guidance:g}_n{args.n}{'_heldout' if args.held_out else ''}.json"
+    out = RUNS / args.model / (f"eval_w{args.guidance:g}_n{args.n}{'_heldout' if args.held_out else ''}"
+                               f"{'_dynamic' if args.threshold == 'dynamic' else ''}.json")
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record))
 
@@ -98,12 +103,14 @@ def run_report(args: argparse.Namespace) -> None:
     rows = []
     for r in records:
         agreement = r["attribute_agreement"] or {}
-        rows.append([r["model"], "held-out" if r["held_out"] else "test", f"{r['guidance']:g}", str(r["step"]),
+        rows.append([r["model"], "held-out" if r["held_out"] else "test", f"{r['guidance']:g}",
+                     "dynamic" if r["dynamic_threshold"] else "static", str(r["step"]),
                      f"{r['fid']:.2f}", f"{r['class_accuracy']:.3f}",
                      " / ".join(f"{agreement[k]:.2f}" for k in ("brightness", "fill", "pattern")) if agreement else "",
                      str(r["n"])])
     chance = chance_agreement()
-    table = markdown_table(["model", "captions", "guidance w", "steps trained", "FID", "caption-class accuracy",
+    table = markdown_table(["model", "captions", "guidance w", "threshold", "steps trained", "FID",
+                            "caption-class accuracy",
                             "attribute agreement (brightness / fill / pattern)", "samples"], rows)
     levels = {k: " / ".join(f"{v[a]:.2f}" for a in ("brightness", "fill", "pattern")) for k, v in chance.items()}
     notes = (f"\nAttribute agreement of the test images with their own captions: {levels['own']}; with shuffled "
@@ -126,6 +133,8 @@ def main() -> None:
     draw.add_argument("--guidance", type=float, default=0.0)
     draw.add_argument("--n", type=int, default=10000)
     draw.add_argument("--held-out", action="store_true")
+    draw.add_argument("--threshold", choices=("static", "dynamic"), default="static",
+                      help="x0 thresholding, the same for every model (dynamic: Imagen's, p = 0.995)")
     draw.set_defaults(func=run_sample)
     sub.add_parser("report").set_defaults(func=run_report)
     args = parser.parse_args()
