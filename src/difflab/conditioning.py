@@ -207,9 +207,30 @@ class Caption(Condition):
                                f"got {value.dtype} {tuple(value.shape)}")
 
 
+TEXT_EMBED_FIELD, IMAGE_EMBED_FIELD = "text_embed", "image_embed"     # unCLIP's CLIP embeddings z_t, z_i
+
+
+@dataclass(frozen=True)
+class ClipEmbedding(Condition):
+    """A CLIP embedding (B, dim) of a caption (z_t, the unCLIP prior's condition) or of an image (z_i, the
+    decoder's), unit-norm times ``scale``. The null value is the zero vector (Ramesh et al. 2022, Sec. 2.1:
+    "randomly setting the CLIP embeddings to zero ... 10% of the time"), which no real embedding (norm
+    ``scale``) is."""
+    dim: int = 0
+    scale: float = 1.0
+
+    kind = "clip_embedding"
+
+    def check(self, value: torch.Tensor) -> None:
+        if not value.dtype.is_floating_point or value.ndim != 2 or value.shape[1] != self.dim:
+            raise DifflabError(f"condition {self.name!r}: expected (B, {self.dim}) CLIP embeddings, got "
+                               f"{value.dtype} {tuple(value.shape)}")
+
+
 CONDITION_KINDS: dict[str, type[Condition]] = {"tensor": Condition, "class_label": ClassLabel,
                                                "control_image": ControlImage, "low_res_image": LowResImage,
-                                               "augmentation_level": AugmentationLevel, "caption": Caption}
+                                               "augmentation_level": AugmentationLevel, "caption": Caption,
+                                               "clip_embedding": ClipEmbedding}
 
 
 def condition_from_json(values: dict) -> Condition:

@@ -16,7 +16,8 @@ from difflab.errors import DifflabError
 from difflab.typed import from_dict, to_dict
 
 __all__ = ["Config", "ControlConfig", "DataConfig", "DiffusionConfig", "DistillConfig", "ModelConfig", "SampleConfig",
-           "SuperResConfig", "TrainConfig", "apply_overrides", "config_from_json", "from_dict", "load_config", "to_dict"]
+           "SuperResConfig", "TrainConfig", "UnclipConfig", "apply_overrides", "config_from_json", "from_dict",
+           "load_config", "to_dict"]
 
 
 @dataclass
@@ -39,6 +40,8 @@ class DataConfig:
     autoencoder: str | None = None      # latent diffusion: a difflab autoencoder's run folder or checkpoint; the
     #                                     model trains on its scaled posterior samples (Rombach et al. 2022)
     cache_latents: bool = True          # keep the encoded data set beside the autoencoder (latents/)
+    clip: str | None = None             # unCLIP (unclip.stage): a noise-aware CLIP's run or file (difflab
+    #                                     train-clip); every image and caption is encoded once through it at t = 0
 
 
 @dataclass
@@ -218,6 +221,17 @@ class SuperResConfig:
 
 
 @dataclass
+class UnclipConfig:
+    """unCLIP (Ramesh et al. 2022, ``difflab.clip_embeddings``): ``stage`` prior, a diffusion model of the frozen
+    CLIP's (``data.clip``) image embeddings z_i given the caption's text embedding z_t (Sec. 2.1), or decoder,
+    a diffusion model of images given z_i (Sec. 2.2; a decoder with a text encoder also reads the caption,
+    dropped at ``train.caption_dropout``, the paper's 50%). ``embedding_dropout``: the probability that the
+    condition embedding (z_t, z_i) is the null one, zeros (the paper's 10% for both)."""
+    stage: str | None = None            # None: not an unCLIP model | prior | decoder
+    embedding_dropout: float = 0.1
+
+
+@dataclass
 class Config:
     name: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +242,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
+    unclip: UnclipConfig = field(default_factory=UnclipConfig)
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -313,6 +328,8 @@ RANGES: dict[str, tuple[Any, str]] = {
     "superres.augmentation": (lambda v: v in ("none", "gaussian", "blur"), "none, gaussian or blur"),
     "superres.max_level": (lambda v: 0 < v < 1, "in (0, 1)"),
     "superres.max_blur": (_positive, "positive"),
+    "unclip.stage": (lambda v: v in ("prior", "decoder"), "prior or decoder (or null: not an unCLIP model)"),
+    "unclip.embedding_dropout": (_probability, "a probability in [0, 1]"),
     "sample.batch_size": (_at_least_one, "at least 1"),
     "sample.steps": (lambda v: not isinstance(v, int) or v >= 1, "at least 1"),
     "sample.rho": (_positive, "positive"),
