@@ -18,8 +18,11 @@ from difflab.errors import DifflabError
 from difflab.nets.controlnet import ControlledUNet, ControlNetConfig
 from difflab.nets.dit import DIT_BLOCKS, DIT_PRESETS, DiT, DiTConfig, dit_sizes
 from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.prior import (PriorMLP, PriorMLPConfig, PriorTransformer, PriorTransformerConfig, RegressionPrior,
+                                RegressionPriorConfig)
 from difflab.nets.text_encoder import text_encoder_from_json
 from difflab.nets.text_unet import TextUNet, TextUNetConfig
+from difflab.nets.unclip_decoder import UnclipDecoder, UnclipDecoderConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.typed import from_dict, to_dict
 
@@ -133,12 +136,51 @@ def fit_text_unet(config: TextUNetConfig, shape: tuple[int, ...], out_channels: 
     return TextUNetConfig(encoder.to_json(), to_dict(fit_unet(unet, shape, out_channels, None)))
 
 
+def fit_prior(config, shape: tuple[int, ...], out_channels: int, classes: int | None):
+    """An unCLIP prior over embeddings of width D: vector data (D,), one output per dimension, no classes."""
+    if len(shape) != 1 or out_channels != shape[0] or classes:
+        raise DifflabError(f"an unCLIP prior network needs vector data (D,) with no classes or learned variance "
+                           f"(unclip.stage: prior), got sample shape {shape}")
+    sizes = {k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, int) and k != "dim"}
+    if min(sizes.values(), default=1) < 1:
+        raise DifflabError(f"the prior network's sizes must be at least 1, got {sizes}")
+    if getattr(config, "width", 1) % getattr(config, "num_heads", 1):
+        raise DifflabError(f"model.prior_transformer.num_heads {config.num_heads} must divide its width "
+                           f"{config.width}")
+    return dataclasses.replace(config, dim=shape[0])
+
+
+def fit_unclip_decoder(config: UnclipDecoderConfig, shape: tuple[int, ...], out_channels: int,
+                       classes: int | None) -> UnclipDecoderConfig:
+    """The U-Net fitted to the data, with cross-attention over z_i's tokens (after the caption's) and z_i
+    (with the caption's pooled vector) in the time embedding; ``embed_dim`` is set from the CLIP."""
+    if classes:
+        raise DifflabError("model.kind 'unclip_decoder' is conditioned on CLIP image embeddings, not class labels: "
+                           "set data.conditional: false")
+    if config.extra_tokens < 1 or config.embed_dim < 1:
+        raise DifflabError(f"model.unclip_decoder: extra_tokens and embed_dim must be at least 1, got "
+                           f"{config.extra_tokens}, {config.embed_dim}")
+    unet = from_dict(UNetConfig, dict(config.unet or {}), "model.unclip_decoder.unet.")
+    encoder, pooled = None, config.embed_dim
+    if config.text_encoder is not None:
+        encoder = text_encoder_from_json(dict(config.text_encoder), "model.unclip_decoder.text_encoder.")
+        unet = dataclasses.replace(unet, context_dim=encoder.width)
+        pooled += encoder.pooled_width
+    unet = dataclasses.replace(unet, cross_attention=True, pooled_dim=pooled)
+    return dataclasses.replace(config, text_encoder=encoder.to_json() if encoder is not None else None,
+                               unet=to_dict(fit_unet(unet, shape, out_channels, None)))
+
+
 NETWORKS: dict[str, NetworkEntry] = {
     "unet": NetworkEntry(UNetConfig, UNet, fit_unet),
     "mlp": NetworkEntry(MLPConfig, MLP, fit_mlp),
     "dit": NetworkEntry(DiTConfig, DiT, fit_dit),
     "controlnet": NetworkEntry(ControlNetConfig, ControlledUNet, fit_controlnet),
     "text_unet": NetworkEntry(TextUNetConfig, TextUNet, fit_text_unet),
+    "prior_transformer": NetworkEntry(PriorTransformerConfig, PriorTransformer, fit_prior),
+    "prior_mlp": NetworkEntry(PriorMLPConfig, PriorMLP, fit_prior),
+    "prior_regression": NetworkEntry(RegressionPriorConfig, RegressionPrior, fit_prior),
+    "unclip_decoder": NetworkEntry(UnclipDecoderConfig, UnclipDecoder, fit_unclip_decoder),
 }
 
 
