@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from difflab.conditioning import (AUG_LEVEL_FIELD, CAPTION_FIELD, LOW_RES_FIELD, AugmentationLevel, Caption, ClassLabel,
-                                  LowResImage)
+from difflab.conditioning import (AUG_LEVEL_FIELD, CAPTION_FIELD, IMAGE_EMBED_FIELD, LOW_RES_FIELD, TEXT_EMBED_FIELD,
+                                  AugmentationLevel, Caption, ClassLabel, ClipEmbedding, LowResImage)
 from difflab.config import Config, DataConfig, DiffusionConfig
 from difflab.data import InMemoryData, load_fashion_mnist, load_image_folder, load_toy
 from difflab.data.base import CaptionedData
@@ -107,6 +107,50 @@ def build_latent_data(config: DataConfig, split: str = "train"):
     return encode_dataset(space, images, cache), space
 
 
+def build_unclip_data(config: Config, split: str = "train"):
+    """An unCLIP stage's data set (``difflab.clip_embeddings``): the captioned images encoded once by the frozen
+    CLIP ``data.clip`` (cached beside it), as the prior's (z_i given z_t) or the decoder's (images given z_i);
+    and that CLIP."""
+    from difflab.clip_embeddings import cache_path, cached_embeddings, load_clip_space, unclip_dataset
+
+    d, stage = config.data, config.unclip.stage
+    if not d.clip:
+        raise DifflabError(f"data.clip: an unCLIP {stage} trains on a frozen CLIP's embeddings: name its run, e.g. "
+                           f"--set data.clip=runs/fmnist_clip (difflab train-clip fmnist_clip trains one)")
+    if d.hflip or d.autoencoder or d.conditional or config.superres.low_res is not None:
+        raise DifflabError("unclip.stage: an unCLIP model reads CLIP embeddings of the unflipped pixel images; it "
+                           "cannot be combined with data.hflip, data.autoencoder, data.conditional or superres.low_res")
+    space = load_clip_space(d.clip)
+    captioned = build_captioned_data(d, split)
+    if captioned.sample_shape != space.image_shape:
+        raise DifflabError(f"data.clip {space.source} encodes images of shape {space.image_shape}, the data are "
+                           f"{captioned.sample_shape} (data.image_size)")
+    image, text = cached_embeddings(space, captioned, cache_path(space, d, split))
+    return unclip_dataset(stage, space, captioned, image, text), space
+
+
+PRIOR_NETWORKS = ("prior_transformer", "prior_mlp", "prior_regression")
+
+
+def unclip_model_spec(config: Config, data) -> ModelSpec:
+    """An unCLIP prior (a prior network on sqrt(d) z_i given sqrt(d) z_t) or decoder (``unclip_decoder`` on images
+    given sqrt(d) z_i, and the caption when it has a text encoder), fitted to ``data`` (``build_unclip_data``)."""
+    stage, kind, shape = config.unclip.stage, config.model.kind, data.sample_shape
+    wanted = PRIOR_NETWORKS if stage == "prior" else ("unclip_decoder",)
+    if kind not in wanted:
+        raise DifflabError(f"unclip.stage {stage}: model.kind must be {' or '.join(wanted)}, not {kind!r}")
+    dim = data.image_embed.shape[1]
+    field = TEXT_EMBED_FIELD if stage == "prior" else IMAGE_EMBED_FIELD
+    conditions = [ClipEmbedding(field, config.unclip.embedding_dropout, dim, data.embed_scale).to_json()]
+    options = dict(config.model.options, **({"embed_dim": dim} if stage == "decoder" else {}))
+    out_channels = shape[0] * (2 if config.diffusion.learn_variance else 1)
+    options = resolve_network(kind, options, shape, out_channels, None)
+    if options.get("text_encoder") is not None:          # a decoder that reads the caption too
+        conditions.append(caption_condition(options, config.train.caption_dropout).to_json())
+    return ModelSpec(kind, options, build_precond(config.diffusion, data).to_json(), shape,
+                     IMAGE_RANGE if data.is_image else None, conditions, config.diffusion.learn_variance)
+
+
 def superres_conditions(config: Config, shape: tuple[int, ...]) -> list:
     """A super-resolution stage's conditions: the low-resolution image, and its augmentation level."""
     r = config.superres
@@ -141,6 +185,8 @@ def caption_condition(text_unet_options: dict, dropout: float) -> Caption:
 def model_spec(config: Config, data: InMemoryData, latent=None) -> ModelSpec:
     """What the experiment's model is, fitted to ``data``: network, preconditioning, shape and conditions;
     ``latent``: the ``LatentSpace`` the data are in (latent diffusion)."""
+    if config.unclip.stage is not None:
+        return unclip_model_spec(config, data)
     shape = data.sample_shape
     conditions = []
     if config.data.conditional:

@@ -15,7 +15,9 @@ from typing import Callable
 
 import torch
 
-from difflab.build import build_data, build_latent_data, build_model
+from difflab.build import build_data, build_latent_data, build_model, build_unclip_data
+from difflab.clip_embeddings import FROZEN_CLIP, check_same_clip
+from difflab.conditioning import CAPTION_FIELD
 from difflab.config import Config
 from difflab.data.base import CaptionedData
 from difflab.denoiser import Denoiser
@@ -96,13 +98,25 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
     """The loop for ``config``. ``preview(spec, latent_space)``, if given, makes the callback
     ``(ema_denoiser, name)`` that the loop calls every ``train.sample_every`` steps and at the end (the CLI
     writes sample grids with it). With ``data.autoencoder`` the model is trained in that autoencoder's latent
-    space and its checkpoint holds the autoencoder too (``frozen.autoencoder``)."""
+    space and its checkpoint holds the autoencoder too (``frozen.autoencoder``); an unCLIP prior or decoder
+    (``unclip.stage``) trains on the embeddings of the frozen CLIP ``data.clip``, which its checkpoint holds
+    (``frozen.clip``, record "clip")."""
     check_objective(config)
+    if config.data.clip and config.unclip.stage is None:
+        raise DifflabError("data.clip: a frozen CLIP encodes the data of an unCLIP model; set unclip.stage "
+                           "(prior or decoder)")
     dist = dist or distributed.single_process(config.train.device)
     torch.manual_seed(config.train.seed)                         # initial weights, the same on every rank
-    data, latent = build_latent_data(config.data) if config.data.autoencoder else (build_data(config.data), None)
+    latent = clip = None
+    if config.unclip.stage is not None:
+        data, clip = build_unclip_data(config)
+    elif config.data.autoencoder:
+        data, latent = build_latent_data(config.data)
+    else:
+        data = build_data(config.data)
     denoiser, spec = build_model(config, data, latent)
-    if isinstance(data, CaptionedData):          # text-to-image: the captions in the model's tokenizer, once
+    text = isinstance(data, CaptionedData) and CAPTION_FIELD in denoiser.conditions
+    if text:                                     # text-to-image: the captions in the model's tokenizer, once
         data.tokenize(denoiser.net.tokenize)
     denoiser = denoiser.to(dist.device)
     objective = training_objective(config, denoiser, spec, dist.device)
@@ -111,10 +125,13 @@ def diffusion_trainer(config: Config, resume: bool | str | Path = False, progres
         objective = DerivedConditions(objective, superres_fields(r.low_res, r.augmentation, r.max_level, r.max_blur))
     callback = preview(spec, latent) if preview is not None else None
     ema_preview = (lambda ema_net, name: callback(denoiser.with_net(ema_net), name)) if callback else None
+    frozen = {"autoencoder": latent.autoencoder} if latent is not None else {FROZEN_CLIP: clip.clip} if clip else None
     trainer = Trainer(config, objective, data, resume=resume, progress=progress, dist=dist, preview=ema_preview,
-                      metadata={"model": spec.to_json()}, overwrite=overwrite,
-                      frozen={"autoencoder": latent.autoencoder} if latent is not None else None)
-    if isinstance(data, CaptionedData):
+                      metadata={"model": spec.to_json(), **({FROZEN_CLIP: clip.to_json()} if clip else {})},
+                      overwrite=overwrite, frozen=frozen)
+    if clip is not None and trainer.step:        # a resumed unCLIP run: the embeddings must be the same CLIP's
+        check_same_clip(trainer.out_dir / trainer.checkpoint_name if resume is True else Path(resume), clip)
+    if text:
         encode_captions(denoiser.net, data, Path(config.train.out_dir))
     trainer.denoiser, trainer.spec = denoiser, spec
     return trainer
