@@ -106,7 +106,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         from difflab.pipelines.diffusers_load import load_diffusers
         loaded = load_diffusers(args.diffusers, args.device)
     elif args.checkpoint.suffix in (".yaml", ".yml"):
-        return sample_cascade_file(args)
+        from difflab.pipelines.unclip import is_unclip_file
+        return sample_unclip_file(args) if is_unclip_file(args.checkpoint) else sample_cascade_file(args)
     else:
         loaded = load_model(args.checkpoint, args.weights, args.device)
     options = dataclasses.replace(loaded.config.sample, **sampling_overrides(args))
@@ -205,6 +206,53 @@ def sample_cascade_file(args: argparse.Namespace) -> int:
         for path in save_samples(images, args.out, name, labels, columns=args.nrow, scale=args.scale,
                                  each=args.each and k == len(outputs) - 1):
             print(path)
+    return 0
+
+
+def sample_unclip_file(args: argparse.Namespace) -> int:
+    """``difflab sample UNCLIP.yaml --prompt TEXT``: caption -> prior -> decoder (``difflab.pipelines.unclip``)."""
+    from difflab.pipelines.ddpm import save_samples
+    from difflab.pipelines.text import repeat_prompts
+    from difflab.pipelines.unclip import load_pipeline, load_unclip_file, sample_unclip
+
+    config = load_unclip_file(args.checkpoint)
+    if not args.prompt:
+        raise DifflabError("an unCLIP pipeline draws images for captions: give --prompt TEXT (repeatable)")
+    if args.class_label is not None or args.init_image is not None or args.control is not None:
+        raise DifflabError("an unCLIP pipeline takes captions alone (--prompt), not --class, --init-image or --control")
+    pipeline = load_pipeline(config, args.weights, args.device)
+    prompts = repeat_prompts(args.prompt, args.n)
+    overrides = {k: v for k, v in sampling_overrides(args).items() if k != "seed"}
+    print(f"sampling {args.n} through the unCLIP prior {pipeline.prior.model.path} (best of "
+          f"{config.prior_candidates}) and decoder {pipeline.decoder.model.path}; prompts: "
+          + " | ".join(args.prompt), file=sys.stderr)
+    result = sample_unclip(pipeline, prompts, overrides, args.seed if args.seed is not None else 0, args.device)
+    for path in save_samples(result.images, args.out, args.name, columns=args.nrow, scale=args.scale, each=args.each):
+        print(path)
+    return 0
+
+
+def cmd_vary(args: argparse.Namespace) -> int:
+    """``difflab vary DECODER IMAGE.png``: the image's CLIP embedding decoded ``--n`` times (unCLIP variations)."""
+    import torch
+
+    from difflab.data.folder import load_image
+    from difflab.pipelines.ddpm import save_samples
+    from difflab.pipelines.text import repeat_prompts
+    from difflab.pipelines.unclip import load_stage, variations
+
+    if args.nrow is not None and args.nrow < 1 or args.scale < 1:
+        raise DifflabError("--nrow and --scale must be at least 1")
+    decoder = load_stage(args.decoder, "decoder", args.weights, args.device)
+    channels, size, _ = decoder.clip.image_shape              # square; the image is resized and centre-cropped
+    image = torch.tensor(load_image(args.image, size, channels))[None].float() / 127.5 - 1
+    options = dataclasses.replace(decoder.model.config.sample, **sampling_overrides(args))
+    prompts = repeat_prompts(args.prompt, args.n) if args.prompt else None
+    print(f"{args.n} variations of {args.image} from {decoder.model.path} (step {decoder.model.step})",
+          file=sys.stderr)
+    samples = variations(decoder, image, args.n, options, prompts, args.device)
+    for path in save_samples(samples, args.out, args.name, columns=args.nrow, scale=args.scale, each=args.each):
+        print(path)
     return 0
 
 
@@ -536,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="draw samples from a checkpoint")
     sample.add_argument("checkpoint", type=Path, nargs="?",
-                        help="checkpoint file or run folder, or a cascade's YAML file")
+                        help="checkpoint file or run folder, or a cascade's or an unCLIP pipeline's YAML file")
     sample.add_argument("--diffusers", type=Path, default=None, metavar="DIR",
                         help="sample a diffusers model folder (UNet2DModel and its scheduler) instead of a checkpoint")
     sample.add_argument("--n", type=int, default=64, help="number of samples")
@@ -570,6 +618,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ControlNet models: compute the control images from these ordinary images with the "
                              "model's hint (e.g. their Canny edges)")
     sample.set_defaults(func=cmd_sample)
+
+    vary = sub.add_parser("vary", help="unCLIP variations: decode an image's CLIP embedding with an unCLIP decoder")
+    vary.add_argument("decoder", type=Path, help="the unCLIP decoder's run folder or checkpoint (unclip.stage decoder)")
+    vary.add_argument("image", type=Path, help="the image (PNG, JPEG, ...); resized and centre-cropped to the CLIP's")
+    vary.add_argument("--n", type=int, default=8, help="number of variations")
+    vary.add_argument("--prompt", action="append", default=None,
+                      help="a caption for a decoder that reads captions too (default: the empty caption)")
+    vary.add_argument("--out", type=Path, default=Path("samples"), help="output folder")
+    vary.add_argument("--name", default="variations", help="file name stem for the .png and .npz")
+    add_sampling_arguments(vary)
+    vary.add_argument("--nrow", type=int, default=None, help="images per row of the grid (default: a square)")
+    vary.add_argument("--scale", type=int, default=1, help="enlarge the grid's pixels by this factor")
+    vary.add_argument("--each", action="store_true", help="also write one PNG per sample into OUT/NAME/")
+    vary.set_defaults(func=cmd_vary)
 
     interp = sub.add_parser("interpolate", help="DDIM interpolation between latents or inverted test images")
     interp.add_argument("checkpoint", type=Path, help="checkpoint file or run folder")

@@ -14,7 +14,7 @@ import torch
 from difflab.checkpoint import Checkpoint, load_checkpoint, load_weights
 from difflab.classifier_guidance import ClassifierGuidance
 from difflab.clip_guidance import CLIP_TOKENS_FIELD, ClipGuidance
-from difflab.conditioning import CAPTION_FIELD, CONTROL_FIELD, LOW_RES_FIELD, Cond
+from difflab.conditioning import CAPTION_FIELD, CONTROL_FIELD, IMAGE_EMBED_FIELD, LOW_RES_FIELD, TEXT_EMBED_FIELD, Cond
 from difflab.config import Config, SampleConfig, check_ranges
 from difflab.data import to_uint8_images
 from difflab.denoiser import Denoiser, VPPrecond
@@ -240,6 +240,12 @@ def preview_callback(config: Config, spec: ModelSpec, device: str = "cpu", laten
     if LOW_RES_FIELD in spec.condition_fields():
         from difflab.pipelines.cascade import superres_preview
         return superres_preview(config, spec, device)
+    if TEXT_EMBED_FIELD in spec.condition_fields():
+        from difflab.pipelines.unclip import prior_preview
+        return prior_preview(config, spec, device)
+    if IMAGE_EMBED_FIELD in spec.condition_fields():
+        from difflab.pipelines.unclip import decoder_preview
+        return decoder_preview(config, spec, device)
     if CAPTION_FIELD in spec.condition_fields():
         from difflab.pipelines.text import text_preview
         return text_preview(config, spec, device)
