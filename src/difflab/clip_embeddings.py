@@ -1,6 +1,6 @@
-"""A frozen noise-aware CLIP as the encoder of unCLIP's data (Ramesh et al. 2022, Sec. 2: "we use the CLIP
-image embedding z_i ... and the text embedding z_t"), as ``latent.py`` makes an autoencoder the encoder of latent
-diffusion's: every training image and caption is encoded once, cached beside the CLIP, and the CLIP itself is
+"""A frozen noise-aware CLIP as the encoder of unCLIP's data (Ramesh et al. 2022, Sec. 2: the CLIP image
+embedding z_i and text embedding z_t of each captioned image), as ``latent.py`` makes an autoencoder the encoder of
+latent diffusion's: every training image and caption is encoded once, cached beside the CLIP, and the CLIP itself is
 stored in the unCLIP model's checkpoint (``frozen.clip``), so sampling needs no other file.
 
 - z_i = the CLIP's image embedding of the clean image (t = 0: the noise-aware CLIP is trained on clean images

@@ -213,8 +213,8 @@ TEXT_EMBED_FIELD, IMAGE_EMBED_FIELD = "text_embed", "image_embed"     # unCLIP's
 @dataclass(frozen=True)
 class ClipEmbedding(Condition):
     """A CLIP embedding (B, dim) of a caption (z_t, the unCLIP prior's condition) or of an image (z_i, the
-    decoder's), unit-norm times ``scale``. The null value is the zero vector (Ramesh et al. 2022, Sec. 2.1:
-    "randomly setting the CLIP embeddings to zero ... 10% of the time"), which no real embedding (norm
+    decoder's), unit-norm times ``scale``. The null value is the zero vector (Ramesh et al. 2022, Sec. 2.1: for
+    classifier-free guidance the CLIP embedding is set to zero 10% of the time), which no real embedding (norm
     ``scale``) is."""
     dim: int = 0
     scale: float = 1.0

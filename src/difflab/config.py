@@ -223,8 +223,8 @@ class SuperResConfig:
 @dataclass
 class UnclipConfig:
     """unCLIP (Ramesh et al. 2022, ``difflab.clip_embeddings``): ``stage`` prior, a diffusion model of the frozen
-    CLIP's (``data.clip``) image embeddings z_i given the caption's text embedding z_t (Sec. 2.1), or decoder,
-    a diffusion model of images given z_i (Sec. 2.2; a decoder with a text encoder also reads the caption,
+    CLIP's (``data.clip``) image embeddings z_i given the caption's text embedding z_t (Sec. 2.2), or decoder,
+    a diffusion model of images given z_i (Sec. 2.1; a decoder with a text encoder also reads the caption,
     dropped at ``train.caption_dropout``, the paper's 50%). ``embedding_dropout``: the probability that the
     condition embedding (z_t, z_i) is the null one, zeros (the paper's 10% for both)."""
     stage: str | None = None            # None: not an unCLIP model | prior | decoder

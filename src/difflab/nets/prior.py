@@ -1,10 +1,10 @@
 """unCLIP's prior networks (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation with CLIP
-Latents", Sec. 2.1): F(z_i noised, t, z_t) -> a prediction of the CLIP image embedding z_i (the diffusion
-model's x0-prediction: "we train a decoder-only Transformer ... to predict the unnoised z_i directly"), each
+Latents", Sec. 2.2): F(z_i noised, t, z_t) -> a prediction of the CLIP image embedding z_i (the diffusion
+model's x0-prediction: the paper's prior is trained to "predict the unnoised z_i directly"), each
 reading the caption's CLIP text embedding z_t from ``cond["text_embed"]`` (B, dim); no embedding is the null
 one, zeros. Three networks of the same interface, to compare:
 
-- ``PriorTransformer`` (model.kind ``prior_transformer``): the paper's (Sec. 2.1) sequence of tokens, in order,
+- ``PriorTransformer`` (model.kind ``prior_transformer``): the paper's (Sec. 2.2) sequence of tokens, in order,
   the CLIP text embedding, an embedding of the diffusion timestep, the noised CLIP image embedding and a final
   learned query, each projected to ``width`` (plus a learned position per token), through pre-LayerNorm
   transformer blocks; the query's output, projected back to ``dim``, is the prediction. The paper also puts

@@ -1,4 +1,4 @@
-"""unCLIP's decoder network (Ramesh et al. 2022, Sec. 2.2): a U-Net of images conditioned on a CLIP image
+"""unCLIP's decoder network (Ramesh et al. 2022, Sec. 2.1): a U-Net of images conditioned on a CLIP image
 embedding z_i, ``cond["image_embed"]`` (B, embed_dim), the two ways the paper names: "projecting and adding
 CLIP embeddings to the existing timestep embedding, and by projecting CLIP embeddings into four extra tokens of
 context that are concatenated to the sequence of outputs from the GLIDE text encoder".

@@ -7,7 +7,7 @@ the same one), like a cascade's (``difflab.pipelines.cascade``):
     unclip:
       prior: runs/fmnist_unclip_prior
       decoder: runs/fmnist_unclip_decoder
-      prior_candidates: 2       # Sec. 2.1: draw two z_i and keep the one with the higher dot product with z_t
+      prior_candidates: 2       # Sec. 2.2: draw two z_i and keep the one with the higher dot product with z_t
       prior_guidance: null      # classifier-free guidance weight of each stage (null: its preset's)
       decoder_guidance: null
 
@@ -120,7 +120,7 @@ def stage_options(stage: UnclipStage, guidance: float | None, overrides: dict | 
 
 # -- the prior ------------------------------------------------------------------------------------------------
 def choose_candidates(candidates: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
-    """Ramesh et al. 2022, Sec. 2.1: of K samples of z_i per caption (K, n, d), the one with the highest dot
+    """Ramesh et al. 2022, Sec. 2.2: of K samples of z_i per caption (K, n, d), the one with the highest dot
     product z_i . z_t (ties: the first), (n, d)."""
     scores = (candidates * text_embed.to(candidates)).sum(-1)                     # (K, n)
     best = scores.argmax(0)                                                       # (n,)
