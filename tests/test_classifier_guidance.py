@@ -430,7 +430,7 @@ def test_save_and_load_round_trip_and_clear_errors(tmp_path):
     bad_config = tmp_path / "bad_config.safetensors"
     save_file({"model.w": torch.zeros(1)}, str(bad_config),
               metadata={"format": "difflab-noisy-classifier/1", "config": '{"classifier": {"bogus": 1}}'})
-    with pytest.raises(DifflabError, match="invalid classifier config"):
+    with pytest.raises(DifflabError, match="invalid noise-aware classifier config"):
         load_noisy_classifier(bad_config)
     mismatched = ClassifierExperiment(classifier=NoisyClassifierConfig(
         image_size=12, model_channels=16, channel_mult=(1, 2), attention_resolutions=(6,), num_heads=2, groups=4))

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from difflab.config import Config, config_from_json, to_dict
+from difflab.config import Config, config_from_json, from_dict, to_dict
 from difflab.errors import DifflabError
 from difflab.files import atomic_write, write_text
 
@@ -127,6 +127,22 @@ def read_safetensors(path: Path, expected_format: str, what: str) -> tuple[dict[
     if "sha256" in metadata and tensors_digest(tensors) != metadata["sha256"]:
         raise DifflabError(f"{path}: corrupt {what} (its tensors do not match the checksum written with them)")
     return tensors, metadata
+
+
+def read_experiment_file(path: str | Path, file_name: str, file_format: str, what: str,
+                         experiment_class: type) -> Checkpoint:
+    """A guide's file (noise-aware classifier, CLIP: one safetensors file with the experiment and the training
+    state as JSON metadata): its tensors, state and experiment (an ``experiment_class`` in ``Checkpoint.config``).
+    ``path`` is the file or the run folder holding ``file_name``."""
+    path = Path(path)
+    path = path / file_name if path.is_dir() else path
+    tensors, metadata = read_safetensors(path, file_format, what)
+    try:
+        experiment = from_dict(experiment_class, json.loads(metadata["config"]))
+        state = json.loads(metadata.get("state", "{}"))
+    except (KeyError, json.JSONDecodeError, DifflabError) as e:
+        raise DifflabError(f"{path}: missing or invalid {what} config in metadata ({e})") from None
+    return Checkpoint(path, experiment, state, tensors)
 
 
 def load_checkpoint(path: str | Path, file_format: str = FORMAT, config_class: type = Config) -> Checkpoint:

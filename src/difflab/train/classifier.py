@@ -15,7 +15,6 @@ the training state (step, test accuracies) as JSON in its metadata, written atom
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import torch
 
 from difflab import diffusion
 from difflab.build import build_data, build_schedule
-from difflab.checkpoint import Checkpoint, load_weights, read_safetensors, save_checkpoint
-from difflab.config import DataConfig, DiffusionConfig, TrainConfig, from_dict, load_config
+from difflab.checkpoint import Checkpoint, load_weights, read_experiment_file, save_checkpoint
+from difflab.config import DataConfig, DiffusionConfig, TrainConfig, load_config
 from difflab.data import InMemoryData
 from difflab.errors import DifflabError
 from difflab.nets.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
@@ -102,15 +101,7 @@ def save_noisy_classifier(path: str | Path, experiment: ClassifierExperiment, st
 def read_noisy_classifier(path: str | Path) -> Checkpoint:
     """The file's tensors, state and experiment (a ``ClassifierExperiment`` in ``Checkpoint.config``).
     ``path`` is the file or the run folder holding it."""
-    path = Path(path)
-    path = path / CLASSIFIER_NAME if path.is_dir() else path
-    tensors, metadata = read_safetensors(path, FORMAT, "noise-aware classifier")
-    try:
-        experiment = from_dict(ClassifierExperiment, json.loads(metadata["config"]))
-        state = json.loads(metadata.get("state", "{}"))
-    except (KeyError, json.JSONDecodeError, DifflabError) as e:
-        raise DifflabError(f"{path}: missing or invalid classifier config in metadata ({e})") from None
-    return Checkpoint(path, experiment, state, tensors)
+    return read_experiment_file(path, CLASSIFIER_NAME, FORMAT, "noise-aware classifier", ClassifierExperiment)
 
 
 def load_noisy_classifier(path: str | Path, weights: str = "ema") -> tuple[NoisyClassifier, DiffusionConfig]:

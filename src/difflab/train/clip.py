@@ -20,7 +20,6 @@ zero-shot caption-class accuracy (each class's captions' embeddings averaged, Ra
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import torch.nn.functional as F
 
 from difflab import diffusion
 from difflab.build import build_data, build_schedule
-from difflab.checkpoint import Checkpoint, load_weights, read_safetensors, save_checkpoint
-from difflab.config import DataConfig, DiffusionConfig, TrainConfig, from_dict, load_config
+from difflab.checkpoint import Checkpoint, load_weights, read_experiment_file, save_checkpoint
+from difflab.config import DataConfig, DiffusionConfig, TrainConfig, load_config
 from difflab.data import InMemoryData
 from difflab.data.base import CaptionedData
 from difflab.errors import DifflabError
@@ -115,15 +114,7 @@ def save_noisy_clip(path: str | Path, experiment: ClipExperiment, state: dict, m
 def read_noisy_clip(path: str | Path) -> Checkpoint:
     """The file's tensors, state and experiment (a ``ClipExperiment`` in ``Checkpoint.config``). ``path`` is the
     file or the run folder holding it."""
-    path = Path(path)
-    path = path / CLIP_NAME if path.is_dir() else path
-    tensors, metadata = read_safetensors(path, FORMAT, "noise-aware CLIP")
-    try:
-        experiment = from_dict(ClipExperiment, json.loads(metadata["config"]))
-        state = json.loads(metadata.get("state", "{}"))
-    except (KeyError, json.JSONDecodeError, DifflabError) as e:
-        raise DifflabError(f"{path}: missing or invalid CLIP config in metadata ({e})") from None
-    return Checkpoint(path, experiment, state, tensors)
+    return read_experiment_file(path, CLIP_NAME, FORMAT, "noise-aware CLIP", ClipExperiment)
 
 
 def load_noisy_clip(path: str | Path, weights: str = "ema") -> tuple[NoisyCLIP, DiffusionConfig]:
